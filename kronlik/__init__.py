@@ -1,0 +1,27 @@
+"""kronlik: the Gaussian log-likelihood with covariance M ⊗ K + I_T ⊗ Σ, and its gradients.
+
+``vec(Y) ~ N(0, U)``, ``U = M ⊗ K + I_T ⊗ Σ``, ``Y`` of shape (T, D), ``vec(Y) = Y.reshape(-1)``.
+The structured math is in :mod:`kronlik.structured`, the dense references in
+:mod:`kronlik.reference`, the gradient cross-check in :mod:`kronlik.gradcheck`.
+"""
+
+from . import reference
+from ._checks import default_floating_dtype
+from ._validate import validate
+from .gradcheck import GradientReport, check_gradients
+from .structured import grad_log_var, grad_sigma, loglik, loglik_diag, solve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradientReport",
+    "check_gradients",
+    "default_floating_dtype",
+    "grad_log_var",
+    "grad_sigma",
+    "loglik",
+    "loglik_diag",
+    "reference",
+    "solve",
+    "validate",
+]

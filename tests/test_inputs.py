@@ -1,0 +1,148 @@
+"""Bad input: a clear exception, or NaN under jit, never a silently wrong finite number."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_problem
+
+import kronlik
+from kronlik import reference
+
+ALL = (0, 1, 2, 3)
+ENTRY_POINTS = [kronlik.loglik, kronlik.grad_sigma, kronlik.solve, reference.loglik, reference.grad_sigma]
+
+
+@pytest.fixture
+def good(rng):
+    return random_problem(rng, 5, 3)
+
+
+@pytest.mark.parametrize("fn", ENTRY_POINTS + [jax.jit(kronlik.loglik), jax.grad(kronlik.loglik)])
+@pytest.mark.parametrize(
+    "which,shape,message",
+    [
+        (0, (15,), r"Y must be a 2-D array of shape \(T, D\); got shape \(15,\)"),
+        (1, (4, 4), r"M must have shape \(T, T\) = \(5, 5\) to match Y of shape \(5, 3\); got \(4, 4\)"),
+        (1, (5, 4), r"M must have shape \(T, T\) = \(5, 5\)"),
+        (2, (3,), r"K must have shape \(D, D\) = \(3, 3\) to match Y of shape \(5, 3\); got \(3,\)"),
+        (3, (3,), r"Sigma must have shape \(3, 3\) to match Y of shape \(5, 3\); got \(3,\)"),
+        (3, (5, 5), r"Sigma must have shape \(3, 3\)"),
+    ],
+)
+def test_shape_errors_name_the_shapes(good, fn, which, shape, message):
+    args = list(good)
+    args[which] = jnp.ones(shape)
+    with pytest.raises(ValueError, match=message):
+        fn(*args)
+
+
+def test_diag_shape_errors(good):
+    Y, M, K, _ = good
+    for fn in (kronlik.loglik_diag, kronlik.grad_log_var, jax.jit(kronlik.loglik_diag)):
+        with pytest.raises(ValueError, match=r"log_var must have shape \(3,\) to match Y of shape \(5, 3\)"):
+            fn(Y, M, K, jnp.zeros((3, 3)))
+    with pytest.raises(ValueError, match=r"T >= 1 rows"):
+        kronlik.loglik_diag(jnp.zeros((0, 3)), jnp.zeros((0, 0)), K, jnp.zeros(3))
+
+
+def test_shape_errors_inside_vmap(good):
+    Y, M, K, Sigma = good
+    with pytest.raises(ValueError, match="M must have shape"):
+        jax.vmap(kronlik.loglik, in_axes=(0, None, None, None))(jnp.stack([Y, Y]), M[:4, :4], K, Sigma)
+
+
+def test_dtype_policy_is_raise_not_promote(good):
+    Y, M, K, Sigma = good
+    with pytest.raises(TypeError, match=r"one floating dtype; got Y float32, M float64"):
+        kronlik.loglik(Y.astype(jnp.float32), M, K, Sigma)
+    with pytest.raises(TypeError, match=r"real floating-point inputs; got Y int32"):
+        kronlik.loglik(jnp.ones((5, 3), jnp.int32), M, K, Sigma)
+    with pytest.raises(TypeError, match=r"complex128"):
+        kronlik.loglik(Y.astype(jnp.complex128), M, K, Sigma)
+    with pytest.raises(TypeError, match=r"log_var float32"):
+        kronlik.loglik_diag(Y, M, K, jnp.zeros(3, jnp.float32))
+    # NumPy float64 arrays are fine: they are JAX float64 arrays with x64 on
+    value = kronlik.loglik(*(np.asarray(a) for a in good))
+    assert value.dtype == jnp.float64
+
+
+def _assert_nan_everywhere(args, fn=kronlik.loglik):
+    value, grads = jax.jit(jax.value_and_grad(fn, argnums=ALL))(*args)
+    assert np.isnan(value)
+    for g in grads:
+        assert np.all(np.isnan(g))
+
+
+def test_not_positive_definite_sigma_gives_nan(good):
+    Y, M, K, _ = good
+    Sigma = jnp.diag(jnp.array([1.0, -0.1, 1.0]))
+    _assert_nan_everywhere((Y, M, K, Sigma))
+    assert np.all(np.isnan(kronlik.grad_sigma(Y, M, K, Sigma)))
+    with pytest.raises(ValueError, match=r"Sigma is not positive definite: smallest eigenvalue -0.1"):
+        kronlik.validate(Y, M, K, Sigma)
+
+
+@pytest.mark.parametrize("which,name", [(1, "M"), (2, "K")])
+def test_indefinite_m_or_k_gives_nan(good, which, name):
+    args = list(good)
+    n = args[which].shape[0]
+    args[which] = args[which] - 1e-3 * jnp.eye(n) - jnp.min(jnp.linalg.eigvalsh(args[which])) * jnp.eye(n)
+    _assert_nan_everywhere(args)
+    message = rf"{name} is not positive semi-definite: smallest eigenvalue -0.001"
+    with pytest.raises(ValueError, match=message):
+        kronlik.validate(*args)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2, 3])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_gives_nan(good, which, bad):
+    args = list(good)
+    args[which] = args[which].at[0, 0].set(bad)
+    _assert_nan_everywhere(args)
+    name = ("Y", "M", "K", "Sigma")[which]
+    with pytest.raises(ValueError, match=rf"{name} has 1 non-finite entries"):
+        kronlik.validate(*args)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, -800.0])
+def test_bad_log_var_gives_nan(good, bad):
+    Y, M, K, _ = good
+    log_var = jnp.zeros(3).at[1].set(bad)
+    _assert_nan_everywhere((Y, M, K, log_var), kronlik.loglik_diag)
+    assert np.all(np.isnan(kronlik.grad_log_var(Y, M, K, log_var)))
+    with pytest.raises(ValueError, match="log_var"):
+        kronlik.validate(Y, M, K, log_var=log_var)
+
+
+def test_huge_log_var_stays_finite(good):
+    # e^800 overflows float64, but the likelihood is well defined: output 1 decouples,
+    # contributing -T·s/2 to L, so ∂L/∂s_1 → -T/2 with nothing of size e^800 formed.
+    Y, M, K, _ = good
+    log_var = jnp.array([0.0, 800.0, -1.0])
+    value, grads = jax.value_and_grad(kronlik.loglik_diag, argnums=ALL)(Y, M, K, log_var)
+    assert np.isfinite(value) and all(np.all(np.isfinite(g)) for g in grads)
+    np.testing.assert_allclose(grads[3][1], -Y.shape[0] / 2, rtol=1e-12)
+    np.testing.assert_allclose(kronlik.grad_log_var(Y, M, K, log_var), grads[3], rtol=1e-12)
+    # the other outputs see the likelihood of their own columns (K restricted to them)
+    keep = jnp.array([0, 2])
+    rest = kronlik.loglik_diag(Y[:, keep], M, K[keep][:, keep], log_var[keep])
+    rest = rest - Y.shape[0] * (800.0 + np.log(2 * np.pi)) / 2
+    np.testing.assert_allclose(value, rest, rtol=1e-12)
+    kronlik.validate(Y, M, K, log_var=log_var)
+
+
+def test_validate_accepts_good_input_and_rejects_asymmetry(good):
+    Y, M, K, Sigma = good
+    assert kronlik.validate(Y, M, K, Sigma) is None
+    assert kronlik.validate(Y, M, K, log_var=jnp.zeros(3)) is None
+    with pytest.raises(ValueError, match=r"K is not symmetric: max \|K - Kᵀ\| = 0.1"):
+        kronlik.validate(Y, M, K.at[0, 1].add(0.1), Sigma)
+    with pytest.raises(TypeError, match="exactly one of Sigma"):
+        kronlik.validate(Y, M, K)
+    with pytest.raises(TypeError, match="exactly one of Sigma"):
+        kronlik.validate(Y, M, K, Sigma, log_var=jnp.zeros(3))
+    with pytest.raises(TypeError, match="concrete arrays"):
+        jax.jit(kronlik.validate)(Y, M, K, Sigma)
+    with pytest.raises(ValueError, match="M must have shape"):
+        kronlik.validate(Y, M[:2, :2], K, Sigma)
