@@ -9,11 +9,13 @@ from . import reference
 from ._checks import default_floating_dtype
 from ._validate import validate
 from .gradcheck import GradientReport, check_gradients
-from .structured import grad_log_var, grad_sigma, loglik, loglik_diag, solve
+from .structured import EighFactor, factorize, grad_log_var, grad_sigma, loglik, loglik_diag, solve
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EighFactor",
+    "factorize",
     "GradientReport",
     "check_gradients",
     "default_floating_dtype",

@@ -6,11 +6,25 @@ Everything here looks only at shapes and dtypes, so it runs while tracing under
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+
+
+class EighFactor(NamedTuple):
+    """M = vectors @ diag(values) @ vectors.T, as :func:`kronlik.factorize` returns it.
+
+    A pytree: pass it wherever an M is accepted to skip the O(T³) eigendecomposition
+    of a fixed M (in a fitting loop, or for many Y), and differentiate with respect to
+    its two arrays if you parametrise M by them.
+    """
+
+    vectors: Array  # (T, T), orthonormal columns
+    values: Array  # (T,), non-negative; NaN if the M it came from was not PSD
 
 
 def default_floating_dtype() -> np.dtype:
@@ -42,7 +56,7 @@ def as_float_arrays(names: tuple[str, ...], values: tuple) -> tuple[Array, ...]:
     return arrays
 
 
-def check_shapes(Y: Array, M: Array, K: Array, noise: Array, noise_name: str) -> None:
+def check_shapes(Y: Array, M, K: Array, noise: Array, noise_name: str) -> None:
     """Raise ``ValueError`` unless Y is (T, D), M (T, T), K (D, D) and the noise fits D.
 
     ``noise_name`` is ``"Sigma"`` (shape (D, D)) or ``"log_var"`` (shape (D,)).
@@ -52,7 +66,13 @@ def check_shapes(Y: Array, M: Array, K: Array, noise: Array, noise_name: str) ->
     T, D = Y.shape
     if T == 0 or D == 0:
         raise ValueError(f"Y must have T >= 1 rows and D >= 1 columns; got shape {Y.shape}")
-    if M.shape != (T, T):
+    if isinstance(M, EighFactor):
+        if M.vectors.shape != (T, T) or M.values.shape != (T,):
+            raise ValueError(
+                f"an EighFactor for M must have vectors {(T, T)} and values {(T,)} to match Y of "
+                f"shape {Y.shape}; got {M.vectors.shape} and {M.values.shape}"
+            )
+    elif M.shape != (T, T):
         raise ValueError(f"M must have shape (T, T) = {(T, T)} to match Y of shape {Y.shape}; got {M.shape}")
     if K.shape != (D, D):
         raise ValueError(f"K must have shape (D, D) = {(D, D)} to match Y of shape {Y.shape}; got {K.shape}")
@@ -63,11 +83,17 @@ def check_shapes(Y: Array, M: Array, K: Array, noise: Array, noise_name: str) ->
         )
 
 
-def prepare(Y, M, K, noise, noise_name: str = "Sigma") -> tuple[Array, Array, Array, Array]:
-    """Dtype conversion and shape checks in one call; returns the four arrays."""
-    arrays = as_float_arrays(("Y", "M", "K", noise_name), (Y, M, K, noise))
-    check_shapes(*arrays, noise_name=noise_name)
-    return arrays
+def prepare(Y, M, K, noise, noise_name: str = "Sigma") -> tuple:
+    """Dtype conversion and shape checks in one call; M may be an :class:`EighFactor`."""
+    if isinstance(M, EighFactor):
+        Y, vectors, values, K, noise = as_float_arrays(
+            ("Y", "M.vectors", "M.values", "K", noise_name), (Y, M.vectors, M.values, K, noise)
+        )
+        M = EighFactor(vectors, values)
+    else:
+        Y, M, K, noise = as_float_arrays(("Y", "M", "K", noise_name), (Y, M, K, noise))
+    check_shapes(Y, M, K, noise, noise_name=noise_name)
+    return Y, M, K, noise
 
 
 def psd_rtol(n: int, dtype) -> float:

@@ -34,17 +34,18 @@ signal failure under ``jax.jit``; :func:`kronlik.validate` raises eagerly instea
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
-from ._checks import prepare, psd_rtol
+from ._checks import EighFactor, as_float_arrays, prepare, psd_rtol
 
 Array = jax.Array
 
-__all__ = ["loglik", "loglik_diag", "grad_sigma", "grad_log_var", "solve"]
+__all__ = ["EighFactor", "factorize", "loglik", "loglik_diag", "grad_sigma", "grad_log_var", "solve"]
 
 
 def _sym(a: Array) -> Array:
@@ -63,16 +64,49 @@ class _Factors(NamedTuple):
     ok: Array  # () bool: finite inputs, M and K PSD to round-off, Σ positive definite
 
 
+def _clip_psd(w: Array) -> tuple[Array, Array]:
+    """Eigenvalues with round-off negatives clipped to 0, and 'is PSD to round-off'."""
+    tol = psd_rtol(w.shape[0], w.dtype) * jnp.max(jnp.abs(w))
+    ok = jnp.all(w >= -tol)  # False for NaN eigenvalues too
+    return jnp.maximum(w, 0.0), ok
+
+
 def _eigh_psd(a: Array) -> tuple[Array, Array, Array]:
     """Eigenvalues (round-off negatives clipped to 0), eigenvectors, and 'is PSD'."""
     w, q = jnp.linalg.eigh(a)
-    tol = psd_rtol(a.shape[0], a.dtype) * jnp.max(jnp.abs(w))
-    ok = jnp.all(w >= -tol)  # False for NaN eigenvalues too
-    return jnp.maximum(w, 0.0), q, ok
+    w, ok = _clip_psd(w)
+    return w, q, ok
 
 
-def _factor(M: Array, K: Array, Sigma: Array) -> _Factors:
-    lam, q_m, ok_m = _eigh_psd(M)
+def _eig_m(M: Array | EighFactor) -> tuple[Array, Array, Array]:
+    if isinstance(M, EighFactor):
+        lam, ok = _clip_psd(M.values)
+        return lam, M.vectors, ok
+    return _eigh_psd(M)
+
+
+def factorize(M: Array) -> EighFactor:
+    """Eigendecompose a fixed (T, T) PSD M once, for reuse by every kronlik function.
+
+    Every function that takes M accepts the returned :class:`EighFactor` instead and
+    then skips the O(T³) ``eigh``; its values are NaN when M is not PSD to round-off, so
+    the likelihood is NaN as it would be for M itself.
+
+    >>> import jax.numpy as jnp, kronlik
+    >>> Y, M, K, s = jnp.ones((4, 2)), 2.0 * jnp.eye(4), jnp.eye(2), jnp.zeros(2)
+    >>> fm = kronlik.factorize(M)
+    >>> bool(jnp.isclose(kronlik.loglik_diag(Y, fm, K, s), kronlik.loglik_diag(Y, M, K, s)))
+    True
+    """
+    (M,) = as_float_arrays(("M",), (M,))
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"M must be a square 2-D array; got shape {M.shape}")
+    lam, q, ok = _eigh_psd(M)
+    return EighFactor(q, jnp.where(ok, lam, jnp.nan))
+
+
+def _factor(M: Array | EighFactor, K: Array, Sigma: Array) -> _Factors:
+    lam, q_m, ok_m = _eig_m(M)
     chol = jnp.linalg.cholesky(Sigma)  # symmetrises Sigma; NaN if not positive definite
     half = solve_triangular(chol, _sym(K), lower=True)  # C⁻¹ K
     k_white = solve_triangular(chol, half.T, lower=True)  # C⁻¹ K C⁻ᵀ
@@ -83,9 +117,12 @@ def _factor(M: Array, K: Array, Sigma: Array) -> _Factors:
     return _Factors(q_m, lam, q_k, p, mu, logdet_sigma, ok)
 
 
-def _factor_diag(M: Array, K: Array, log_var: Array) -> _Factors:
+def _factor_diag(M: Array | EighFactor, K: Array, log_var: Array) -> _Factors:
+    return _factor_diag_given_m(*_eig_m(M), K, log_var)
+
+
+def _factor_diag_given_m(lam: Array, q_m: Array, ok_m: Array, K: Array, log_var: Array) -> _Factors:
     # Σ = diag(σ²): whitening is a rescaling, no Cholesky needed.
-    lam, q_m, ok_m = _eigh_psd(M)
     inv_sd = jnp.exp(-0.5 * log_var)
     k_white = _sym(K) * inv_sd[:, None] * inv_sd[None, :]
     mu, q_k, ok_k = _eigh_psd(k_white)
@@ -102,14 +139,19 @@ class _Solved(NamedTuple):
 
 
 def _forward(Y: Array, f: _Factors) -> _Solved:
-    T, D = Y.shape
-    z = f.q_m.T @ Y @ f.p
+    return _forward_rotated(f.q_m.T @ Y, f, jnp.all(jnp.isfinite(Y)))
+
+
+def _forward_rotated(y_rot: Array, f: _Factors, y_ok: Array) -> _Solved:
+    """The value from Q_Mᵀ Y: O(TD²) once Y is rotated (a fitting loop rotates it once)."""
+    T, D = y_rot.shape
+    z = y_rot @ f.p
     lam_mu = f.lam[:, None] * f.mu[None, :]
     inv_e = 1.0 / (1.0 + lam_mu)
     a = z * inv_e
     logdet_u = T * f.logdet_sigma + jnp.sum(jnp.log1p(lam_mu))
     value = -0.5 * (logdet_u + jnp.sum(z * a) + T * D * math.log(2.0 * math.pi))
-    ok = f.ok & jnp.all(jnp.isfinite(Y))
+    ok = f.ok & y_ok
     return _Solved(jnp.where(ok, value, jnp.nan), a, inv_e, ok)
 
 
@@ -119,14 +161,23 @@ def _scale(s: _Solved, g: Array) -> Array:
 
 
 def _cotangents_y_m_k(
-    f: _Factors, s: _Solved, g: Array, r: Array, w: Array
-) -> tuple[Array, Array, Array, Array]:
-    """g·∂L/∂Y, g·∂L/∂M, g·∂L/∂K given R = Q_M A and W = R Pᵀ; also S = P Aᵀ for ∂L/∂Σ."""
+    f: _Factors, s: _Solved, g: Array, r: Array, w: Array, m_is_factor: bool
+) -> tuple[Array, Array | EighFactor, Array, Array]:
+    """g·∂L/∂Y, g·∂L/∂M, g·∂L/∂K given R = Q_M A and W = R Pᵀ; also S = P Aᵀ for ∂L/∂Σ.
+
+    For M given as an EighFactor (V, λ) with M = V diag(λ) Vᵀ and G = ∂L/∂M symmetric:
+    ∂L/∂λ = diag(Vᵀ G V) and ∂L/∂V = 2 G V diag(λ), where Vᵀ G V = ½ (A diag(μ) Aᵀ - diag(a)).
+    """
     g = _scale(s, g)
     sm = f.p @ s.a.T  # (D, T)
-    grad_m = (r * f.mu[None, :]) @ r.T - (f.q_m * (s.inv_e @ f.mu)[None, :]) @ f.q_m.T
     grad_k = (sm * f.lam[None, :]) @ sm.T - (f.p * (f.lam @ s.inv_e)[None, :]) @ f.p.T
-    return -g * w, (0.5 * g) * _sym(grad_m), (0.5 * g) * _sym(grad_k), sm
+    if m_is_factor:
+        rotated = _sym((s.a * f.mu[None, :]) @ s.a.T) - jnp.diag(s.inv_e @ f.mu)  # 2 Vᵀ G V
+        g_m = EighFactor((g * f.q_m) @ (rotated * f.lam[None, :]), (0.5 * g) * jnp.diagonal(rotated))
+    else:
+        grad_m = (r * f.mu[None, :]) @ r.T - (f.q_m * (s.inv_e @ f.mu)[None, :]) @ f.q_m.T
+        g_m = (0.5 * g) * _sym(grad_m)
+    return -g * w, g_m, (0.5 * g) * _sym(grad_k), sm
 
 
 def _grad_sigma_full(f: _Factors, s: _Solved, sm: Array) -> Array:
@@ -149,21 +200,22 @@ def _grad_log_var(f: _Factors, s: _Solved, w_white: Array) -> Array:
 # --- dense Σ -------------------------------------------------------------------------
 
 
-@jax.custom_vjp
-def _loglik(Y: Array, M: Array, K: Array, Sigma: Array) -> Array:
+# m_is_factor is a static Python bool (M an array or an EighFactor), never an array.
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _loglik(Y: Array, M, K: Array, Sigma: Array, m_is_factor: bool) -> Array:
     return _forward(Y, _factor(M, K, Sigma)).value
 
 
-def _loglik_fwd(Y, M, K, Sigma):
+def _loglik_fwd(Y, M, K, Sigma, m_is_factor):
     f = _factor(M, K, Sigma)
     s = _forward(Y, f)
     return s.value, (f, s)
 
 
-def _loglik_bwd(res, g):
+def _loglik_bwd(m_is_factor, res, g):
     f, s = res
     r = f.q_m @ s.a
-    g_y, g_m, g_k, sm = _cotangents_y_m_k(f, s, g, r, r @ f.p.T)
+    g_y, g_m, g_k, sm = _cotangents_y_m_k(f, s, g, r, r @ f.p.T, m_is_factor)
     g_sigma = _scale(s, g) * _grad_sigma_full(f, s, sm)
     return g_y, g_m, g_k, g_sigma
 
@@ -171,7 +223,7 @@ def _loglik_bwd(res, g):
 _loglik.defvjp(_loglik_fwd, _loglik_bwd)
 
 
-def loglik(Y: Array, M: Array, K: Array, Sigma: Array) -> Array:
+def loglik(Y: Array, M: Array | EighFactor, K: Array, Sigma: Array) -> Array:
     r"""Log-density of ``vec(Y) ~ N(0, M ⊗ K + I_T ⊗ Σ)``, constant included.
 
     L = -½ log det U - ½ vᵀ U⁻¹ v - (TD/2) log 2π with v = ``Y.reshape(-1)``, in
@@ -185,7 +237,9 @@ def loglik(Y: Array, M: Array, K: Array, Sigma: Array) -> Array:
 
     Args:
       Y: (T, D) observations.
-      M: (T, T) PSD covariance across rows (samples, time points).
+      M: (T, T) PSD covariance across rows (samples, time points), or its
+        :func:`factorize` (then no eigendecomposition of M is done, and the gradient
+        is an :class:`EighFactor` of cotangents for its vectors and values).
       K: (D, D) PSD covariance across outputs.
       Sigma: (D, D) positive-definite noise covariance.
 
@@ -203,54 +257,54 @@ def loglik(Y: Array, M: Array, K: Array, Sigma: Array) -> Array:
     >>> bool(jnp.isclose(L, -0.5 * (T * D * jnp.log(2.0) + T * D / 2 + T * D * jnp.log(2 * jnp.pi))))
     True
     """
-    return _loglik(*prepare(Y, M, K, Sigma, "Sigma"))
+    return _loglik(*prepare(Y, M, K, Sigma, "Sigma"), isinstance(M, EighFactor))
 
 
 # --- diagonal Σ = diag(exp(log_var)) ------------------------------------------------
 
 
-@jax.custom_vjp
-def _loglik_diag(Y: Array, M: Array, K: Array, log_var: Array) -> Array:
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _loglik_diag(Y: Array, M, K: Array, log_var: Array, m_is_factor: bool) -> Array:
     return _forward(Y, _factor_diag(M, K, log_var)).value
 
 
-def _loglik_diag_fwd(Y, M, K, log_var):
+def _loglik_diag_fwd(Y, M, K, log_var, m_is_factor):
     f = _factor_diag(M, K, log_var)
     s = _forward(Y, f)
     return s.value, (f, s, log_var)
 
 
-def _loglik_diag_bwd(res, g):
+def _loglik_diag_bwd(m_is_factor, res, g):
     f, s, log_var = res
     r = f.q_m @ s.a
     w_white = r @ f.q_k.T  # W diag(e^{s/2}); W = unvec(U⁻¹v) is a column scaling away
     w = w_white * jnp.exp(-0.5 * log_var)[None, :]
-    g_y, g_m, g_k, _ = _cotangents_y_m_k(f, s, g, r, w)
+    g_y, g_m, g_k, _ = _cotangents_y_m_k(f, s, g, r, w, m_is_factor)
     return g_y, g_m, g_k, _scale(s, g) * _grad_log_var(f, s, w_white)
 
 
 _loglik_diag.defvjp(_loglik_diag_fwd, _loglik_diag_bwd)
 
 
-def loglik_diag(Y: Array, M: Array, K: Array, log_var: Array) -> Array:
+def loglik_diag(Y: Array, M: Array | EighFactor, K: Array, log_var: Array) -> Array:
     """:func:`loglik` with Σ = diag(exp(log_var)), whitened by rescaling (no Cholesky).
 
     Args:
       Y: (T, D) observations.
-      M: (T, T) PSD covariance across rows.
+      M: (T, T) PSD covariance across rows, or its :func:`factorize`.
       K: (D, D) PSD covariance across outputs.
       log_var: (D,) log noise variances s, Σ = diag(eˢ).
 
     Returns:
       The scalar log-density; its gradient in ``log_var`` is :func:`grad_log_var`.
     """
-    return _loglik_diag(*prepare(Y, M, K, log_var, "log_var"))
+    return _loglik_diag(*prepare(Y, M, K, log_var, "log_var"), isinstance(M, EighFactor))
 
 
 # --- gradients and solves as plain functions -------------------------------------
 
 
-def grad_sigma(Y: Array, M: Array, K: Array, Sigma: Array) -> Array:
+def grad_sigma(Y: Array, M: Array | EighFactor, K: Array, Sigma: Array) -> Array:
     """∂L/∂Σ = ½ (C - B), the (D, D) gradient of :func:`loglik` in Σ.
 
     B = Σ_k bldiag(U⁻¹, k) is the sum of the T diagonal D×D blocks of U⁻¹ and
@@ -264,7 +318,7 @@ def grad_sigma(Y: Array, M: Array, K: Array, Sigma: Array) -> Array:
     return _scale(s, jnp.ones((), Y.dtype)) * _grad_sigma_full(f, s, sm)
 
 
-def grad_log_var(Y: Array, M: Array, K: Array, log_var: Array) -> Array:
+def grad_log_var(Y: Array, M: Array | EighFactor, K: Array, log_var: Array) -> Array:
     """∂L/∂s = eˢ ⊙ diag(∂L/∂Σ) for Σ = diag(eˢ), shape (D,).
 
     diag(∂L/∂Σ) = ½ (colsum(W ⊙ W) - diag(B)) with W = unvec(U⁻¹v) and
@@ -276,11 +330,12 @@ def grad_log_var(Y: Array, M: Array, K: Array, log_var: Array) -> Array:
     Y, M, K, log_var = prepare(Y, M, K, log_var, "log_var")
     f = _factor_diag(M, K, log_var)
     s = _forward(Y, f)
-    w_white = f.q_m @ s.a @ f.q_k.T
+    # colsum(W̃ ⊙ W̃) with W̃ = Q_M A Q_Kᵀ: Q_M is orthogonal and preserves column norms.
+    w_white = s.a @ f.q_k.T
     return _scale(s, jnp.ones((), Y.dtype)) * _grad_log_var(f, s, w_white)
 
 
-def solve(Y: Array, M: Array, K: Array, Sigma: Array) -> Array:
+def solve(Y: Array, M: Array | EighFactor, K: Array, Sigma: Array) -> Array:
     """W = unvec(U⁻¹ vec(Y)), shape (T, D): the solve behind every gradient (∂L/∂Y = -W)."""
     Y, M, K, Sigma = prepare(Y, M, K, Sigma, "Sigma")
     f = _factor(M, K, Sigma)
