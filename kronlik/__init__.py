@@ -8,14 +8,30 @@ The structured math is in :mod:`kronlik.structured`, the dense references in
 from . import reference
 from ._checks import default_floating_dtype
 from ._validate import validate
+from .fitting import FitResult, fit, fit_log_var
 from .gradcheck import GradientReport, check_gradients
-from .structured import EighFactor, factorize, grad_log_var, grad_sigma, loglik, loglik_diag, solve
+from .structured import (
+    EighFactor,
+    factorize,
+    grad_log_var,
+    grad_sigma,
+    loglik,
+    loglik_diag,
+    loglik_diag_rotated,
+    predict,
+    solve,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EighFactor",
+    "FitResult",
     "factorize",
+    "fit",
+    "fit_log_var",
+    "loglik_diag_rotated",
+    "predict",
     "GradientReport",
     "check_gradients",
     "default_floating_dtype",

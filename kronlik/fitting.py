@@ -1,0 +1,236 @@
+"""Fitting with optax: the log-variances by their hand-derived gradient, or any loss through kronlik."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ._checks import EighFactor, prepare
+from .structured import _rotated_value_and_grad_log_var, factorize, loglik_diag_rotated
+
+Array = jax.Array
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit_log_var` and :func:`fit` return (a pytree).
+
+    ``params``: the fitted parameters (the log-variances for :func:`fit_log_var`).
+    ``value``: the objective there (L for :func:`fit_log_var`, which maximises it; the
+    loss for :func:`fit`, which minimises it). ``value_history`` and
+    ``grad_norm_history`` (max-abs gradient) have one entry per step, NaN after the
+    last; ``num_steps`` is how many were taken and ``converged`` whether the gradient
+    fell below ``tol`` or the objective's relative change below ``rtol`` (False if it
+    hit ``num_steps`` or the value went NaN).
+    """
+
+    params: Any
+    value: Array
+    value_history: Array
+    grad_norm_history: Array
+    num_steps: Array
+    converged: Array
+
+
+def _max_abs(tree) -> Array:
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def _minimise(
+    value_and_grad_fn: Callable,
+    value_fn: Callable,
+    params,
+    optimizer: optax.GradientTransformation,
+    num_steps: int,
+    tol: float,
+    rtol: float,
+    progress: bool,
+    chunk_size: int,
+    sign: float,
+) -> FitResult:
+    """The optax loop, jit-compiled in chunks of ``chunk_size`` steps.
+
+    ``value_and_grad_fn`` gives the objective to *minimise* and its gradient; ``sign``
+    flips the recorded values back (-1 when the caller maximises L). Between chunks
+    control returns to Python, which prints progress if asked: the steps themselves
+    run in one compiled ``lax.while_loop`` per chunk.
+    """
+    opt = optax.with_extra_args_support(optimizer)
+    leaves = jax.tree_util.tree_leaves(params)
+    dtype = leaves[0].dtype
+    dtypes = jax.tree_util.tree_map(lambda x: x.dtype, params)
+
+    def line_search_value(p):
+        # optax's line search may hand float32 params back as float64 under x64.
+        return value_fn(jax.tree_util.tree_map(lambda x, d: x.astype(d), p, dtypes))
+
+    nan_history = jnp.full((num_steps,), jnp.nan, dtype)
+
+    def body(carry):
+        p, state, step, _, previous, _, values, gnorms = carry
+        value, grad = value_and_grad_fn(p)
+        gnorm = _max_abs(grad)
+        # Stop on a small gradient, or when the objective stops changing (a float32 fit
+        # stalls at rounding level above any useful gradient tolerance), or on NaN.
+        stalled = jnp.abs(sign * value - previous) <= rtol * jnp.abs(value)
+        done = (gnorm <= tol) | stalled | ~jnp.isfinite(value)
+        # optax mixes int32 and int64 counters internally (L-BFGS under x64), which a
+        # caller's strict dtype-promotion mode would reject; scope standard promotion to it.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, new_state = opt.update(
+                grad, state, p, value=value, grad=grad, value_fn=line_search_value
+            )
+        new_p = optax.apply_updates(p, updates)
+        keep = lambda old, new: jax.tree_util.tree_map(lambda a, b: jnp.where(done, a, b), old, new)  # noqa: E731
+        return (
+            keep(p, new_p),
+            keep(state, new_state),
+            step + 1,
+            done,
+            sign * value,
+            gnorm,
+            values.at[step].set(sign * value),
+            gnorms.at[step].set(gnorm),
+        )
+
+    @jax.jit
+    def run_chunk(carry, limit):
+        return jax.lax.while_loop(lambda c: (c[2] < limit) & ~c[3], body, carry)
+
+    nan = jnp.full((), jnp.nan, dtype)
+    with jax.numpy_dtype_promotion("standard"):
+        state = opt.init(params)
+    carry = (params, state, jnp.array(0), jnp.array(False), nan, nan, nan_history, nan_history)
+    while int(carry[2]) < num_steps and not bool(carry[3]):
+        carry = run_chunk(carry, jnp.array(min(int(carry[2]) + chunk_size, num_steps)))
+        if progress:
+            print(
+                f"  step {int(carry[2]):6d}   objective {float(carry[4]): .8g}   max|grad| {float(carry[5]):.3e}",
+                file=sys.stderr,
+                flush=True,
+            )
+    params, _, steps, converged, _, _, values, gnorms = carry
+    # Without convergence the last step moved params after its value was recorded.
+    value = sign * jax.jit(value_fn)(params)
+    return FitResult(params, value, values, gnorms, steps, converged & jnp.isfinite(value))
+
+
+def _default_tol(dtype) -> float:
+    return float(jnp.sqrt(jnp.finfo(dtype).eps))
+
+
+def fit_log_var(
+    Y: Array,
+    M: Array | EighFactor,
+    K: Array,
+    log_var0: Array,
+    optimizer: optax.GradientTransformation | None = None,
+    *,
+    num_steps: int = 500,
+    tol: float | None = None,
+    rtol: float | None = None,
+    progress: bool = False,
+    chunk_size: int = 25,
+) -> FitResult:
+    """Maximise L over the log noise variances s, Σ = diag(eˢ), with M and K fixed.
+
+    M is eigendecomposed once (or pass :func:`kronlik.factorize` of it) and Y rotated
+    once, O(T³ + T²D); each step then costs O(TD² + D³) (:func:`loglik_diag_rotated`).
+    The gradient given to optax is the hand-derived eˢ ⊙ diag(∂L/∂Σ), not autodiff.
+
+    Args:
+      Y, M, K: as in :func:`kronlik.loglik_diag`.
+      log_var0: (D,) starting log-variances.
+      optimizer: any optax transformation (minimising -L); default ``optax.lbfgs()``,
+        whose line search keeps every step an ascent step on this smooth problem.
+      num_steps: the most steps to take.
+      tol: stop when max_d |∂L/∂s_d| ≤ tol·T (each ∂L/∂s_d sums T terms of order one);
+        default sqrt(eps) of the dtype.
+      rtol: or stop when |ΔL| ≤ rtol·|L| between steps; default 4·eps of the dtype
+        (only a fit stalled at rounding level triggers it).
+      progress: print step, L and gradient norm to stderr between chunks.
+      chunk_size: steps per compiled chunk (how often progress is printed).
+
+    Returns:
+      A :class:`FitResult` whose ``params`` are the fitted log-variances and ``value``
+      the final L.
+    """
+    Y, M, K, log_var0 = prepare(Y, M, K, log_var0, "log_var")
+    fm = M if isinstance(M, EighFactor) else factorize(M)
+    y_rot = fm.vectors.T @ Y
+    lam = fm.values
+    tol = _default_tol(Y.dtype) if tol is None else tol
+    rtol = 4 * float(jnp.finfo(Y.dtype).eps) if rtol is None else rtol
+
+    def neg_value_and_grad(s):
+        value, grad = _rotated_value_and_grad_log_var(y_rot, lam, K, s)
+        return -value, -grad
+
+    def neg_value(s):  # for line searches; differentiable by the same hand-derived formula
+        return -loglik_diag_rotated(y_rot, lam, K, s)
+
+    optimizer = optax.lbfgs() if optimizer is None else optimizer
+    return _minimise(
+        neg_value_and_grad,
+        neg_value,
+        log_var0,
+        optimizer,
+        num_steps,
+        tol * Y.shape[0],
+        rtol,
+        progress,
+        chunk_size,
+        -1.0,
+    )
+
+
+def fit(
+    loss_fn: Callable[[Any], Array],
+    params,
+    optimizer: optax.GradientTransformation | None = None,
+    *,
+    num_steps: int = 1000,
+    tol: float = 1e-6,
+    rtol: float | None = None,
+    progress: bool = False,
+    chunk_size: int = 50,
+) -> FitResult:
+    """Minimise ``loss_fn(params)`` over a pytree of parameters with optax, jit-compiled.
+
+    The idiom for fitting M(θ), K(φ), Σ(s) jointly: write the loss with
+    :func:`kronlik.loglik` (or ``loglik_diag``) and ``jax.grad`` runs kronlik's
+    hand-derived backward pass, so no eigendecomposition is differentiated::
+
+        def loss(p):
+            return -kronlik.loglik_diag(Y, rbf(t, p["log_ell"]), p["L"] @ p["L"].T, p["log_var"])
+
+        result = kronlik.fit(loss, params)
+
+    Args:
+      loss_fn: a scalar function of ``params``, to be minimised.
+      params: the starting pytree of float arrays.
+      optimizer: any optax transformation; default ``optax.lbfgs()``.
+      num_steps: the most steps to take.
+      tol: stop when the max-abs gradient entry is ≤ tol.
+      rtol: or when the loss changes by ≤ rtol·|loss| in a step; default 4·eps.
+      progress: print progress to stderr between chunks of ``chunk_size`` steps.
+    """
+    optimizer = optax.lbfgs() if optimizer is None else optimizer
+    if rtol is None:
+        rtol = 4 * float(jnp.finfo(jax.tree_util.tree_leaves(params)[0].dtype).eps)
+    return _minimise(
+        jax.value_and_grad(loss_fn),
+        loss_fn,
+        params,
+        optimizer,
+        num_steps,
+        tol,
+        rtol,
+        progress,
+        chunk_size,
+        1.0,
+    )
