@@ -170,9 +170,7 @@ def _fit(args: argparse.Namespace) -> int:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            print(
-                "kronlik fit: error: --plot needs matplotlib (pip install 'kronlik[plot]')", file=sys.stderr
-            )
+            print("kronlik fit: error: --plot needs matplotlib (pip install 'kronlik[plot]')", file=sys.stderr)
             return 2
         Sigma = jnp.diag(jnp.exp(log_var))
         mu, v = predict(Ys, M, K, Sigma, M, jnp.diagonal(M))

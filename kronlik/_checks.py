@@ -78,9 +78,7 @@ def check_shapes(Y: Array, M, K: Array, noise: Array, noise_name: str) -> None:
         raise ValueError(f"K must have shape (D, D) = {(D, D)} to match Y of shape {Y.shape}; got {K.shape}")
     want = (D, D) if noise_name == "Sigma" else (D,)
     if noise.shape != want:
-        raise ValueError(
-            f"{noise_name} must have shape {want} to match Y of shape {Y.shape}; got {noise.shape}"
-        )
+        raise ValueError(f"{noise_name} must have shape {want} to match Y of shape {Y.shape}; got {noise.shape}")
 
 
 def prepare(Y, M, K, noise, noise_name: str = "Sigma") -> tuple:

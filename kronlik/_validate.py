@@ -26,9 +26,7 @@ def _eig_extremes(name: str, a: np.ndarray) -> tuple[float, float, float]:
     return float(w[0]), scale, psd_rtol(a.shape[0], a.dtype) * scale
 
 
-def validate(
-    Y: Array, M: Array, K: Array, Sigma: Array | None = None, *, log_var: Array | None = None
-) -> None:
+def validate(Y: Array, M: Array, K: Array, Sigma: Array | None = None, *, log_var: Array | None = None) -> None:
     """Raise ``ValueError`` naming the input that makes the likelihood undefined, and by how much.
 
     Pass the noise as ``Sigma`` (D, D) for :func:`kronlik.loglik`, or as ``log_var=`` (D,)
@@ -50,9 +48,7 @@ def validate(
         bad = ~np.isfinite(a)
         if bad.any():
             first = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(
-                f"{n} has {int(bad.sum())} non-finite entries (NaN or inf), the first at index {first}"
-            )
+            raise ValueError(f"{n} has {int(bad.sum())} non-finite entries (NaN or inf), the first at index {first}")
 
     mats = [("M", M), ("K", K)] + ([("Sigma", noise)] if name == "Sigma" else [])
     for n, a in mats:

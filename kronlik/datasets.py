@@ -38,9 +38,7 @@ def read_csv(path: str | Path) -> tuple[list[str], np.ndarray]:
             try:
                 values[r, c] = float(cell) if cell else np.nan
             except ValueError:
-                raise DataError(
-                    f"{path}, line {lineno}, column {header[c]!r}: {cell!r} is not a number"
-                ) from None
+                raise DataError(f"{path}, line {lineno}, column {header[c]!r}: {cell!r} is not a number") from None
         if not np.all(np.isfinite(values[r])):
             missing.append(r + 1)
     if missing:

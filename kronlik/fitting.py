@@ -81,9 +81,7 @@ def _minimise(
         # optax mixes int32 and int64 counters internally (L-BFGS under x64), which a
         # caller's strict dtype-promotion mode would reject; scope standard promotion to it.
         with jax.numpy_dtype_promotion("standard"):
-            updates, new_state = opt.update(
-                grad, state, p, value=value, grad=grad, value_fn=line_search_value
-            )
+            updates, new_state = opt.update(grad, state, p, value=value, grad=grad, value_fn=line_search_value)
         new_p = optax.apply_updates(p, updates)
         keep = lambda old, new: jax.tree_util.tree_map(lambda a, b: jnp.where(done, a, b), old, new)  # noqa: E731
         return (

@@ -66,10 +66,7 @@ class GradientReport:
         return iter(self.checks)
 
     def __str__(self) -> str:
-        head = (
-            f"T={self.shape[0]} D={self.shape[1]}  kronlik in {self.dtype}, "
-            f"references in {self.reference_dtype}"
-        )
+        head = f"T={self.shape[0]} D={self.shape[1]}  kronlik in {self.dtype}, references in {self.reference_dtype}"
         lines = [head, f"{'argument':<10} {'witness':<20} {'rel. error':>11} {'tolerance':>10}  result"]
         for c in self.checks:
             mark = "ok" if c.passed else "FAIL"

@@ -415,9 +415,7 @@ def loglik_diag_rotated(Y_rot: Array, lam: Array, K: Array, log_var: Array) -> A
     """
     Y_rot, lam, K, log_var = as_float_arrays(("Y_rot", "lam", "K", "log_var"), (Y_rot, lam, K, log_var))
     if Y_rot.ndim != 2 or lam.shape != Y_rot.shape[:1]:
-        raise ValueError(
-            f"need Y_rot of shape (T, D) and lam of shape (T,); got {Y_rot.shape} and {lam.shape}"
-        )
+        raise ValueError(f"need Y_rot of shape (T, D) and lam of shape (T,); got {Y_rot.shape} and {lam.shape}")
     check_shapes(Y_rot, jax.ShapeDtypeStruct((lam.shape[0],) * 2, lam.dtype), K, log_var, "log_var")
     return _loglik_rotated(Y_rot, lam, K, log_var)
 

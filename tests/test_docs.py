@@ -4,6 +4,8 @@ import re
 import runpy
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
@@ -22,14 +24,36 @@ def test_readme_python_blocks_run(capsys):
 
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
     first, second = (b.strip() for b in _blocks("bash")[:2])
-    assert first.endswith("python -m kronlik check")
+    assert first.endswith("kronlik fit --plot fit.png")
     assert second.endswith("python -m pytest -q")
     assert README.index(first) < README.index("## What it computes")
     assert second in (ROOT / ".ci" / "run").read_text()
 
 
-def test_eigh_pitfall_example():
-    results = runpy.run_path(str(ROOT / "examples" / "eigh_gradient_pitfall.py"))["main"]()
-    assert results["kronlik.loglik"] < 1e-12
+def _run_example(name, *args):
+    return runpy.run_path(str(ROOT / "examples" / name))["main"](*args)
+
+
+def test_gradient_check_example():
+    results = _run_example("gradient_check.py")
+    assert results["kronlik.loglik"] < 1e-12 and results["check_gradients passed"] == 1.0
     # what jax.grad through eigh does at repeated eigenvalues is JAX's business: not asserted
     assert "naive eigh + jax.grad" in results
+
+
+def test_fit_log_variances_example():
+    truth, fitted, se = _run_example("fit_log_variances.py", 150, 3)
+    assert np.all(np.abs(fitted - truth) < 5 * se + 0.1)
+
+
+def test_multioutput_gp_example(tmp_path):
+    result = _run_example("multioutput_gp.py", str(tmp_path / "gp.png"), 60)
+    assert result["converged"] and (tmp_path / "gp.png").stat().st_size > 10_000
+    assert result["loglik_after"] > result["loglik_before"]
+
+
+def test_fit_step_benchmark_smoke():
+    result = runpy.run_path(str(ROOT / "benchmarks" / "fit_step.py"))["main"](
+        ["--T", "32", "--D", "3", "--repeats", "2"]
+    )
+    assert result["cached_step_s"] > 0 and result["uncached_step_s"] > 0

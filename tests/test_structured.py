@@ -180,9 +180,7 @@ def test_jit_vmap_and_value_and_grad(rng):
     # gradient of a batched sum, and the diagonal API under jit + vmap
     log_vars = jnp.asarray(rng.uniform(-1, 1, (B, D)))
     g_batch = jax.jit(jax.vmap(kronlik.grad_log_var, in_axes=(0, None, None, 0)))(Ys, M, K, log_vars)
-    g_sum = jax.grad(lambda s: jnp.sum(jax.vmap(kronlik.loglik_diag, (0, None, None, 0))(Ys, M, K, s)))(
-        log_vars
-    )
+    g_sum = jax.grad(lambda s: jnp.sum(jax.vmap(kronlik.loglik_diag, (0, None, None, 0))(Ys, M, K, s)))(log_vars)
     assert max_rel(g_batch, g_sum) < 1e-12
 
 

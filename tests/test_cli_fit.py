@@ -1,0 +1,77 @@
+"""`kronlik fit`: the built-in data, a user CSV and .npz, and exit code 2 with a message on bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from kronlik.__main__ import main
+from kronlik.datasets import load_macrodata
+
+
+def test_builtin_dataset_is_real_and_small():
+    t, Y, names = load_macrodata()
+    assert Y.shape == (202, 4) and names[0] == "gdp_growth"
+    assert t[0] == 1959.25 and t[-1] == 2009.5
+    assert np.all(np.isfinite(Y))
+
+
+def test_fit_builtin_writes_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "fit.json", tmp_path / "fit.png"
+    assert main(["fit", "--float64", "--out", str(out), "--plot", str(png)]) == 0
+    text = capsys.readouterr()
+    assert "noise variance" in text.out and "log-likelihood" in text.out
+    assert "step" in text.err  # progress on for the CLI
+    fitted = json.loads(out.read_text())
+    assert fitted["converged"] and fitted["outputs"] == ["gdp_growth", "unemp", "infl", "tbilrate"]
+    var = np.array(fitted["noise_variance_standardised"])
+    # unemployment is smooth quarter to quarter, GDP growth is mostly noise
+    assert var[1] < 0.05 < 0.3 < var[0] < 1.0
+    assert png.stat().st_size > 10_000
+
+
+def test_fit_user_csv_and_npz(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 10, 60)
+    Y = np.column_stack([np.sin(t), np.cos(t)]) + 0.1 * rng.standard_normal((60, 2))
+    csv = tmp_path / "data.csv"
+    csv.write_text("# a comment line\ntime,a,b\n" + "\n".join(f"{x},{y0},{y1}" for x, (y0, y1) in zip(t, Y)))
+    out = tmp_path / "out.json"
+    assert main(["fit", "--data", str(csv), "--time-column", "time", "--float64", "--out", str(out)]) == 0
+    fitted = json.loads(out.read_text())
+    assert fitted["outputs"] == ["a", "b"] and fitted["converged"]
+    np.testing.assert_allclose(fitted["noise_variance"], 0.01, rtol=0.6)  # true noise sd 0.1
+    M = np.exp(-0.5 * (t[:, None] - t[None, :]) ** 2)
+    npz = tmp_path / "data.npz"
+    np.savez(npz, Y=Y, M=M, K=np.eye(2))
+    assert main(["fit", "--data", str(npz), "--float64"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "no such file"),
+        ("a,b\n1,x\n", "'x' is not a number"),
+        ("a,b\n1,2\n3,\n4,nan\n", "NaN or infinite cells in data rows 2, 3"),
+        ("a,b\n1,2\n", "at least 2 rows"),
+        ("a,b\n1,2\n3\n", "1 cells, but the header has 2"),
+    ],
+)
+def test_bad_csv_exits_2(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.csv"
+    if content is not None:
+        path.write_text(content)
+    assert main(["fit", "--data", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "kronlik fit: error:" in err and message in err and "Traceback" not in err
+
+
+def test_bad_npz_exits_2(tmp_path, capsys):
+    bad_shape, bad_m = tmp_path / "shape.npz", tmp_path / "m.npz"
+    np.savez(bad_shape, Y=np.ones((5, 2)), M=np.eye(4), K=np.eye(2))
+    np.savez(bad_m, Y=np.arange(10.0).reshape(5, 2), M=-np.eye(5), K=np.eye(2))
+    assert main(["fit", "--data", str(bad_shape)]) == 2
+    assert "need Y (T, D), M (T, T), K (D, D)" in capsys.readouterr().err
+    assert main(["fit", "--data", str(bad_m)]) == 2
+    assert "M is not positive semi-definite" in capsys.readouterr().err
