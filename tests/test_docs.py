@@ -17,8 +17,9 @@ def _blocks(language):
 def test_readme_python_blocks_run(capsys):
     blocks = _blocks("python")
     assert blocks
+    namespace = {}  # later blocks continue the first, as a reader would run them
     for code in blocks:
-        exec(compile(code, "README.md", "exec"), {})
+        exec(compile(code, "README.md", "exec"), namespace)
     assert "dL/dlog_var" in capsys.readouterr().out
 
 
