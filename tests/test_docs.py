@@ -58,3 +58,15 @@ def test_fit_step_benchmark_smoke():
         ["--T", "32", "--D", "3", "--repeats", "2"]
     )
     assert result["cached_step_s"] > 0 and result["uncached_step_s"] > 0
+
+
+def test_notebooks_execute():
+    import nbclient
+    import nbformat
+
+    for name in ("derivation.ipynb", "fitting.ipynb"):
+        nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # stored without outputs
+        nbclient.NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        ).execute()
