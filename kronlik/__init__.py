@@ -12,6 +12,7 @@ from .fitting import FitResult, fit, fit_log_var
 from .gradcheck import GradientReport, check_gradients
 from .structured import (
     EighFactor,
+    LowRank,
     factorize,
     grad_log_var,
     grad_sigma,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EighFactor",
     "FitResult",
+    "LowRank",
     "factorize",
     "fit",
     "fit_log_var",

@@ -56,6 +56,18 @@ def as_float_arrays(names: tuple[str, ...], values: tuple) -> tuple[Array, ...]:
     return arrays
 
 
+class LowRank(NamedTuple):
+    """M = G Gᵀ given by its (T, r) factor G, typically r ≪ T (markers, inducing features).
+
+    Pass it wherever an M is accepted by :func:`kronlik.loglik` and
+    :func:`kronlik.loglik_diag` (and the gradient helpers): the likelihood then costs
+    O(T r² + r³ + D³ + T D (r + D)) time and O(T (r + D)) memory, and its gradient with
+    respect to the LowRank is LowRank(∂L/∂G).
+    """
+
+    factor: Array  # (T, r)
+
+
 def check_shapes(Y: Array, M, K: Array, noise: Array, noise_name: str) -> None:
     """Raise ``ValueError`` unless Y is (T, D), M (T, T), K (D, D) and the noise fits D.
 
@@ -66,7 +78,13 @@ def check_shapes(Y: Array, M, K: Array, noise: Array, noise_name: str) -> None:
     T, D = Y.shape
     if T == 0 or D == 0:
         raise ValueError(f"Y must have T >= 1 rows and D >= 1 columns; got shape {Y.shape}")
-    if isinstance(M, EighFactor):
+    if isinstance(M, LowRank):
+        if M.factor.ndim != 2 or M.factor.shape[0] != T or M.factor.shape[1] == 0:
+            raise ValueError(
+                f"a LowRank M needs a factor G of shape (T, r) = ({T}, r >= 1) to match Y of shape "
+                f"{Y.shape}; got {M.factor.shape}"
+            )
+    elif isinstance(M, EighFactor):
         if M.vectors.shape != (T, T) or M.values.shape != (T,):
             raise ValueError(
                 f"an EighFactor for M must have vectors {(T, T)} and values {(T,)} to match Y of "
@@ -82,8 +100,11 @@ def check_shapes(Y: Array, M, K: Array, noise: Array, noise_name: str) -> None:
 
 
 def prepare(Y, M, K, noise, noise_name: str = "Sigma") -> tuple:
-    """Dtype conversion and shape checks in one call; M may be an :class:`EighFactor`."""
-    if isinstance(M, EighFactor):
+    """Dtype conversion and shape checks in one call; M may be an EighFactor or a LowRank."""
+    if isinstance(M, LowRank):
+        Y, G, K, noise = as_float_arrays(("Y", "M.factor", "K", noise_name), (Y, M.factor, K, noise))
+        M = LowRank(G)
+    elif isinstance(M, EighFactor):
         Y, vectors, values, K, noise = as_float_arrays(
             ("Y", "M.vectors", "M.values", "K", noise_name), (Y, M.vectors, M.values, K, noise)
         )

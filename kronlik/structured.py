@@ -41,12 +41,13 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
-from ._checks import EighFactor, as_float_arrays, check_shapes, prepare, psd_rtol
+from ._checks import EighFactor, LowRank, as_float_arrays, check_shapes, prepare, psd_rtol
 
 Array = jax.Array
 
 __all__ = [
     "EighFactor",
+    "LowRank",
     "factorize",
     "loglik",
     "loglik_diag",
@@ -115,30 +116,45 @@ def factorize(M: Array) -> EighFactor:
     return EighFactor(q, jnp.where(ok, lam, jnp.nan))
 
 
-def _factor(M: Array | EighFactor, K: Array, Sigma: Array) -> _Factors:
-    lam, q_m, ok_m = _eig_m(M)
+class _Whitened(NamedTuple):
+    """The noise-whitened K: K̃ = C⁻¹ K C⁻ᵀ = Q_K diag(μ) Q_Kᵀ, P = C⁻ᵀ Q_K, Σ = C Cᵀ."""
+
+    q_k: Array
+    p: Array
+    mu: Array
+    logdet_sigma: Array
+    ok: Array  # K PSD to round-off, Σ positive definite and finite
+
+
+def _whiten(K: Array, Sigma: Array) -> _Whitened:
     chol = jnp.linalg.cholesky(Sigma)  # symmetrises Sigma; NaN if not positive definite
     half = solve_triangular(chol, _sym(K), lower=True)  # C⁻¹ K
     k_white = solve_triangular(chol, half.T, lower=True)  # C⁻¹ K C⁻ᵀ
     mu, q_k, ok_k = _eigh_psd(k_white)
     p = solve_triangular(chol, q_k, lower=True, trans="T")
     logdet_sigma = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
-    ok = ok_m & ok_k & jnp.isfinite(logdet_sigma)
-    return _Factors(q_m, lam, q_k, p, mu, logdet_sigma, ok)
+    return _Whitened(q_k, p, mu, logdet_sigma, ok_k & jnp.isfinite(logdet_sigma))
 
 
-def _factor_diag(M: Array | EighFactor, K: Array, log_var: Array) -> _Factors:
-    return _factor_diag_given_m(*_eig_m(M), K, log_var)
-
-
-def _factor_diag_given_m(lam: Array, q_m: Array, ok_m: Array, K: Array, log_var: Array) -> _Factors:
+def _whiten_diag(K: Array, log_var: Array) -> _Whitened:
     # Σ = diag(σ²): whitening is a rescaling, no Cholesky needed.
     inv_sd = jnp.exp(-0.5 * log_var)
     k_white = _sym(K) * inv_sd[:, None] * inv_sd[None, :]
     mu, q_k, ok_k = _eigh_psd(k_white)
-    p = q_k * inv_sd[:, None]
-    ok = ok_m & ok_k & jnp.all(jnp.isfinite(log_var))
-    return _Factors(q_m, lam, q_k, p, mu, jnp.sum(log_var), ok)
+    ok = ok_k & jnp.all(jnp.isfinite(log_var))
+    return _Whitened(q_k, q_k * inv_sd[:, None], mu, jnp.sum(log_var), ok)
+
+
+def _combine(lam: Array, q_m: Array, ok_m: Array, n: _Whitened) -> _Factors:
+    return _Factors(q_m, lam, n.q_k, n.p, n.mu, n.logdet_sigma, ok_m & n.ok)
+
+
+def _factor(M: Array | EighFactor, K: Array, Sigma: Array) -> _Factors:
+    return _combine(*_eig_m(M), _whiten(K, Sigma))
+
+
+def _factor_diag(M: Array | EighFactor, K: Array, log_var: Array) -> _Factors:
+    return _combine(*_eig_m(M), _whiten_diag(K, log_var))
 
 
 class _Solved(NamedTuple):
@@ -267,7 +283,10 @@ def loglik(Y: Array, M: Array | EighFactor, K: Array, Sigma: Array) -> Array:
     >>> bool(jnp.isclose(L, -0.5 * (T * D * jnp.log(2.0) + T * D / 2 + T * D * jnp.log(2 * jnp.pi))))
     True
     """
-    return _loglik(*prepare(Y, M, K, Sigma, "Sigma"), isinstance(M, EighFactor))
+    Y, M, K, Sigma = prepare(Y, M, K, Sigma, "Sigma")
+    if isinstance(M, LowRank):
+        return _loglik_lowrank(Y, M.factor, K, Sigma, False)
+    return _loglik(Y, M, K, Sigma, isinstance(M, EighFactor))
 
 
 # --- diagonal Σ = diag(exp(log_var)) ------------------------------------------------
@@ -308,7 +327,10 @@ def loglik_diag(Y: Array, M: Array | EighFactor, K: Array, log_var: Array) -> Ar
     Returns:
       The scalar log-density; its gradient in ``log_var`` is :func:`grad_log_var`.
     """
-    return _loglik_diag(*prepare(Y, M, K, log_var, "log_var"), isinstance(M, EighFactor))
+    Y, M, K, log_var = prepare(Y, M, K, log_var, "log_var")
+    if isinstance(M, LowRank):
+        return _loglik_lowrank(Y, M.factor, K, log_var, True)
+    return _loglik_diag(Y, M, K, log_var, isinstance(M, EighFactor))
 
 
 # --- gradients and solves as plain functions -------------------------------------
@@ -322,6 +344,8 @@ def grad_sigma(Y: Array, M: Array | EighFactor, K: Array, Sigma: Array) -> Array
     factorisation, never from U⁻¹. Equal to ``jax.grad(loglik, argnums=3)``.
     """
     Y, M, K, Sigma = prepare(Y, M, K, Sigma, "Sigma")
+    if isinstance(M, LowRank):  # the same formula, in the low-rank backward pass
+        return jax.grad(loglik, argnums=3)(Y, M, K, Sigma)
     f = _factor(M, K, Sigma)
     s = _forward(Y, f)
     sm = f.p @ s.a.T
@@ -338,6 +362,8 @@ def grad_log_var(Y: Array, M: Array | EighFactor, K: Array, log_var: Array) -> A
     ``jax.grad(loglik_diag, argnums=3)``.
     """
     Y, M, K, log_var = prepare(Y, M, K, log_var, "log_var")
+    if isinstance(M, LowRank):  # the same Hadamard formula, in the low-rank backward pass
+        return jax.grad(loglik_diag, argnums=3)(Y, M, K, log_var)
     f = _factor_diag(M, K, log_var)
     s = _forward(Y, f)
     # colsum(W̃ ⊙ W̃) with W̃ = Q_M A Q_Kᵀ: Q_M is orthogonal and preserves column norms.
@@ -348,6 +374,8 @@ def grad_log_var(Y: Array, M: Array | EighFactor, K: Array, log_var: Array) -> A
 def solve(Y: Array, M: Array | EighFactor, K: Array, Sigma: Array) -> Array:
     """W = unvec(U⁻¹ vec(Y)), shape (T, D): the solve behind every gradient (∂L/∂Y = -W)."""
     Y, M, K, Sigma = prepare(Y, M, K, Sigma, "Sigma")
+    if isinstance(M, LowRank):  # ∂L/∂Y = -W
+        return -jax.grad(loglik)(Y, M, K, Sigma)
     f = _factor(M, K, Sigma)
     s = _forward(Y, f)
     return _scale(s, jnp.ones((), Y.dtype)) * (f.q_m @ s.a @ f.p.T)
@@ -358,7 +386,7 @@ def solve(Y: Array, M: Array | EighFactor, K: Array, Sigma: Array) -> Array:
 
 def _rotated_parts(y_rot: Array, lam: Array, K: Array, log_var: Array) -> tuple[_Factors, _Solved]:
     lam, ok_m = _clip_psd(lam)
-    f = _factor_diag_given_m(lam, None, ok_m, K, log_var)
+    f = _combine(lam, None, ok_m, _whiten_diag(K, log_var))
     return f, _forward_rotated(y_rot, f, jnp.all(jnp.isfinite(y_rot)))
 
 
@@ -449,6 +477,8 @@ def predict(
       (mean, var), both (N, D).
     """
     Y, M, K, Sigma = prepare(Y, M, K, Sigma, "Sigma")
+    if isinstance(M, LowRank):
+        raise TypeError("predict takes M as an array or an EighFactor, not a LowRank")
     (M_cross, m_new_diag) = as_float_arrays(("M_cross", "m_new_diag"), (M_cross, m_new_diag))
     if M_cross.ndim != 2 or M_cross.shape[1] != Y.shape[0] or m_new_diag.shape != M_cross.shape[:1]:
         raise ValueError(
@@ -469,3 +499,81 @@ def predict(
         var = var + jnp.diagonal(Sigma)[None, :]
     nan = _scale(s, jnp.ones((), Y.dtype))
     return nan * mean, nan * var
+
+
+# --- low-rank M = G Gᵀ ------------------------------------------------------------------
+#
+# With the thin SVD G = U_g S V_gᵀ (U_g of shape (T, r)), M = U_g diag(λ) U_gᵀ with λ = S², and
+# M is zero on the complement of span(U_g): there E = 1. Writing Q_M = [U_g, U_⊥] and never
+# forming U_⊥, with Z₁ = U_gᵀ Y P and the residual R = Y P - U_g Z₁ = U_⊥ U_⊥ᵀ Y P:
+#   vᵀU⁻¹v = Σ Z₁ ⊙ A₁ + ‖R‖²  (A₁ = Z₁ / E₁),   log det U = T log det Σ + Σ log E₁,
+#   W = (R + U_g A₁) Pᵀ,   Aᵀ A (all T rows) = A₁ᵀ A₁ + Rᵀ R,   Σ_t 1/E_tj = Σ_{t≤r} 1/E_tj + (T - r).
+# ∂L/∂K keeps only the r rows with λ > 0. For G: dM = dG Gᵀ + G dGᵀ, so
+#   ∂L/∂G = 2 (∂L/∂M) G = W K (Wᵀ G) - c₀ G - U_g diag(a - c₀) (U_gᵀ G),
+# with a_t = Σ_j μ_j / E_tj and c₀ = Σ_j μ_j (the value of a on the complement): no T×T
+# matrix and no derivative of the SVD. R is formed explicitly rather than as ‖YP‖² - ‖Z₁‖²
+# to avoid cancellation when Y lies mostly in span(G).
+
+
+class _LowRankSolved(NamedTuple):
+    value: Array
+    u: Array  # (T, r) left singular vectors of G
+    lam: Array  # (r,) squared singular values
+    a1: Array  # (r, D)
+    inv_e: Array  # (r, D)
+    resid: Array  # (T, D)
+    ok: Array
+
+
+def _lowrank_forward(Y: Array, G: Array, n: _Whitened) -> _LowRankSolved:
+    T, D = Y.shape
+    u, sv, _ = jnp.linalg.svd(G, full_matrices=False)
+    lam = sv * sv
+    yp = Y @ n.p
+    z1 = u.T @ yp
+    resid = yp - u @ z1
+    lam_mu = lam[:, None] * n.mu[None, :]
+    inv_e = 1.0 / (1.0 + lam_mu)
+    a1 = z1 * inv_e
+    logdet_u = T * n.logdet_sigma + jnp.sum(jnp.log1p(lam_mu))
+    quad = jnp.sum(z1 * a1) + jnp.sum(resid * resid)
+    value = -0.5 * (logdet_u + quad + T * D * math.log(2.0 * math.pi))
+    ok = n.ok & jnp.all(jnp.isfinite(Y)) & jnp.all(jnp.isfinite(G))
+    return _LowRankSolved(jnp.where(ok, value, jnp.nan), u, lam, a1, inv_e, resid, ok)
+
+
+def _lowrank_whiten(K: Array, noise: Array, diag: bool) -> _Whitened:
+    return _whiten_diag(K, noise) if diag else _whiten(K, noise)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _loglik_lowrank(Y: Array, G: Array, K: Array, noise: Array, diag: bool) -> Array:
+    return _lowrank_forward(Y, G, _lowrank_whiten(K, noise, diag)).value
+
+
+def _loglik_lowrank_fwd(Y, G, K, noise, diag):
+    n = _lowrank_whiten(K, noise, diag)
+    s = _lowrank_forward(Y, G, n)
+    return s.value, (G, K, n, s)
+
+
+def _loglik_lowrank_bwd(diag, res, g):
+    G, K, n, s = res
+    g = jnp.where(s.ok, g, jnp.nan)
+    T = G.shape[0]
+    w = (s.resid + s.u @ s.a1) @ n.p.T
+    ata = s.a1.T @ s.a1 + s.resid.T @ s.resid
+    c = jnp.sum(s.inv_e, axis=0) + (T - s.lam.shape[0])
+    sm = n.p @ s.a1.T  # (D, r)
+    grad_k = (sm * s.lam[None, :]) @ sm.T - (n.p * (s.lam @ s.inv_e)[None, :]) @ n.p.T
+    a = s.inv_e @ n.mu
+    c0 = jnp.sum(n.mu)
+    grad_g = w @ (_sym(K) @ (w.T @ G)) - c0 * G - s.u @ ((a - c0)[:, None] * (s.u.T @ G))
+    if diag:  # eˢ ⊙ diag(∂L/∂Σ) in the whitened basis, as in _grad_log_var
+        grad_noise = 0.5 * (jnp.sum((n.q_k @ ata) * n.q_k, axis=1) - (n.q_k * n.q_k) @ c)
+    else:
+        grad_noise = 0.5 * _sym(n.p @ ata @ n.p.T - (n.p * c[None, :]) @ n.p.T)
+    return -g * w, g * grad_g, (0.5 * g) * _sym(grad_k), g * grad_noise
+
+
+_loglik_lowrank.defvjp(_loglik_lowrank_fwd, _loglik_lowrank_bwd)
