@@ -1,0 +1,33 @@
+"""The benchmark scripts run (tiny sizes: a smoke test, not a timing)."""
+
+import json
+import runpy
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _main(name):
+    return runpy.run_path(str(ROOT / "benchmarks" / name))["main"]
+
+
+def test_harness_smoke(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rows = _main("run.py")(["--sizes", "8x2", "12x3", "--repeats", "1", "--no-gpytorch", "--json", str(out)])
+    assert [(r["T"], r["D"]) for r in rows] == [(8, 2), (12, 3)]
+    for r in rows:
+        assert {"kronlik", "kronlik fwd", "eigh floor", "dense autodiff", "dense block sums"} <= set(r["seconds"])
+        assert r["ratio_to_kronlik"]["kronlik"] == 1.0
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and saved["environment"]["jax"]
+    assert "value+all gradients" in capsys.readouterr().out
+
+
+def test_fit_step_benchmark_smoke():
+    result = _main("fit_step.py")(["--T", "32", "--D", "3", "--repeats", "2"])
+    assert result["cached_step_s"] > 0 and result["uncached_step_s"] > 0
+
+
+def test_lowrank_benchmark_smoke():
+    result = _main("lowrank.py")(["--T", "500", "--D", "2", "--r", "5", "--repeats", "1", "--dtype", "float64"])
+    assert result["value_and_all_grads_s"] > 0
