@@ -31,3 +31,8 @@ def test_fit_step_benchmark_smoke():
 def test_lowrank_benchmark_smoke():
     result = _main("lowrank.py")(["--T", "500", "--D", "2", "--r", "5", "--repeats", "1", "--dtype", "float64"])
     assert result["value_and_all_grads_s"] > 0
+
+
+def test_peak_memory_smoke():
+    result = _main("peak_memory.py")(["--T", "64", "--D", "4"])
+    assert result["finite"] and result["peak_rss_MiB"] > 0
