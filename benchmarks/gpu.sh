@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One prepared GPU run (issue 4): the harness at the sizes the issue names, GPyTorch included when
+# importable, results as JSON and PNG under ${OUT:-.}. Meant for the lent device machine, where JAX
+# with CUDA and GPyTorch are installed: `bash benchmarks/gpu.sh` from the repository root.
+set -euo pipefail
+out=${OUT:-.}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python -c "import jax; print(jax.__version__, jax.devices())"
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+python -m benchmarks.run --sizes 256x64 1024x128 4096x256 8192x512 --dtype float64 \
+  --repeats 5 --budget 10 --json "$out/gpu_float64.json" --plot "$out/gpu_float64.png" | tee "$out/gpu_float64.txt"
+python -m benchmarks.run --sizes 256x64 1024x128 4096x256 8192x512 16384x512 --dtype float32 \
+  --repeats 5 --budget 10 --dense-limit 4096 --json "$out/gpu_float32.json" | tee "$out/gpu_float32.txt"
+python benchmarks/lowrank.py --dtype float64 | tee "$out/gpu_lowrank.txt"
