@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from ._checks import prepare, psd_rtol
+from ._checks import EighFactor, LowRank, prepare, psd_rtol
 
 Array = jax.Array
 
@@ -30,7 +30,9 @@ def validate(Y: Array, M: Array, K: Array, Sigma: Array | None = None, *, log_va
     """Raise ``ValueError`` naming the input that makes the likelihood undefined, and by how much.
 
     Pass the noise as ``Sigma`` (D, D) for :func:`kronlik.loglik`, or as ``log_var=`` (D,)
-    for :func:`kronlik.loglik_diag`. Checks, in order: shapes and dtypes (as the
+    for :func:`kronlik.loglik_diag`. M may be an array, a :class:`kronlik.LowRank` (its
+    factor must be finite) or a :class:`kronlik.EighFactor` (orthonormal vectors,
+    non-negative values). Checks, in order: shapes and dtypes (as the
     likelihood does at trace time), finite entries, symmetry of M, K, Σ to round-off,
     M and K positive semi-definite up to the round-off allowance that the likelihood
     clips (see :func:`kronlik._checks.psd_rtol`), and Σ positive definite. Together
@@ -41,17 +43,35 @@ def validate(Y: Array, M: Array, K: Array, Sigma: Array | None = None, *, log_va
     if (Sigma is None) == (log_var is None):
         raise TypeError("validate needs exactly one of Sigma (D, D) or log_var= (D,)")
     name = "Sigma" if log_var is None else "log_var"
-    arrays = prepare(Y, M, K, Sigma if log_var is None else log_var, name)
-    Y, M, K, noise = (_concrete(n, a) for n, a in zip(("Y", "M", "K", name), arrays))
+    Y, M, K, noise = prepare(Y, M, K, Sigma if log_var is None else log_var, name)
+    if isinstance(M, LowRank):
+        m_parts = {"M.factor": M.factor}
+    elif isinstance(M, EighFactor):
+        m_parts = {"M.vectors": M.vectors, "M.values": M.values}
+    else:
+        m_parts = {"M": M}
+    named = {"Y": Y, **m_parts, "K": K, name: noise}
+    named = {n: _concrete(n, a) for n, a in named.items()}
+    Y, K, noise = named["Y"], named["K"], named[name]
 
-    for n, a in (("Y", Y), ("M", M), ("K", K), (name, noise)):
+    for n, a in named.items():
         bad = ~np.isfinite(a)
         if bad.any():
             first = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ValueError(f"{n} has {int(bad.sum())} non-finite entries (NaN or inf), the first at index {first}")
 
-    mats = [("M", M), ("K", K)] + ([("Sigma", noise)] if name == "Sigma" else [])
-    for n, a in mats:
+    if "M.vectors" in named:  # an EighFactor must be an eigendecomposition of a PSD matrix
+        V, lam = named["M.vectors"], named["M.values"]
+        off = float(np.max(np.abs(V.T @ V - np.eye(V.shape[0], dtype=V.dtype))))
+        allowed = psd_rtol(V.shape[0], V.dtype)
+        if off > allowed:
+            raise ValueError(f"M.vectors is not orthonormal: max |VᵀV - I| = {off:.3g} (allowed {allowed:.3g})")
+        scale = float(np.max(np.abs(lam)))
+        if lam.min() < -allowed * scale:
+            raise ValueError(f"M.values has a negative eigenvalue {lam.min():.6g} (largest magnitude {scale:.6g})")
+
+    psd = ([("M", named["M"])] if "M" in named else []) + [("K", K)]
+    for n, a in psd + ([("Sigma", noise)] if name == "Sigma" else []):
         asym = float(np.max(np.abs(a - a.T)))
         allowed = psd_rtol(a.shape[0], a.dtype) * float(np.max(np.abs(a)))
         if asym > allowed:
@@ -60,7 +80,7 @@ def validate(Y: Array, M: Array, K: Array, Sigma: Array | None = None, *, log_va
                 "kronlik would use its symmetric part (A + Aᵀ)/2"
             )
 
-    for n, a in (("M", M), ("K", K)):
+    for n, a in psd:
         low, scale, allowed = _eig_extremes(n, a)
         if low < -allowed:
             raise ValueError(

@@ -146,3 +146,18 @@ def test_validate_accepts_good_input_and_rejects_asymmetry(good):
         jax.jit(kronlik.validate)(Y, M, K, Sigma)
     with pytest.raises(ValueError, match="M must have shape"):
         kronlik.validate(Y, M[:2, :2], K, Sigma)
+
+
+def test_validate_structured_m(good):
+    Y, M, K, Sigma = good
+    kronlik.validate(Y, kronlik.LowRank(jnp.ones((5, 2))), K, Sigma)
+    kronlik.validate(Y, kronlik.factorize(M), K, log_var=jnp.zeros(3))
+    with pytest.raises(ValueError, match="M.factor has 1 non-finite"):
+        kronlik.validate(Y, kronlik.LowRank(jnp.ones((5, 2)).at[1, 1].set(jnp.inf)), K, Sigma)
+    fm = kronlik.factorize(M)
+    with pytest.raises(ValueError, match="M.vectors is not orthonormal"):
+        kronlik.validate(Y, kronlik.EighFactor(2.0 * fm.vectors, fm.values), K, Sigma)
+    with pytest.raises(ValueError, match="M.values has a negative eigenvalue -1"):
+        kronlik.validate(Y, kronlik.EighFactor(fm.vectors, fm.values.at[0].set(-1.0)), K, Sigma)
+    with pytest.raises(ValueError, match="M.values has 5 non-finite"):
+        kronlik.validate(Y, kronlik.factorize(M - 100.0 * jnp.eye(5)), K, Sigma)
