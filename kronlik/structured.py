@@ -186,6 +186,12 @@ def _scale(s: _Solved, g: Array) -> Array:
     return jnp.where(s.ok, g, jnp.nan)
 
 
+def _grad_k_twice(p: Array, a: Array, lam: Array, inv_e: Array) -> tuple[Array, Array]:
+    """2·∂L/∂K = S diag(λ) Sᵀ - P diag(Σ_t λ_t / E_tj) Pᵀ with S = P Aᵀ; returns it and S."""
+    sm = p @ a.T  # (D, rows of A)
+    return _sym((sm * lam[None, :]) @ sm.T - (p * (lam @ inv_e)[None, :]) @ p.T), sm
+
+
 def _cotangents_y_m_k(
     f: _Factors, s: _Solved, g: Array, r: Array, w: Array, m_is_factor: bool
 ) -> tuple[Array, Array | EighFactor, Array, Array]:
@@ -195,15 +201,14 @@ def _cotangents_y_m_k(
     ∂L/∂λ = diag(Vᵀ G V) and ∂L/∂V = 2 G V diag(λ), where Vᵀ G V = ½ (A diag(μ) Aᵀ - diag(a)).
     """
     g = _scale(s, g)
-    sm = f.p @ s.a.T  # (D, T)
-    grad_k = (sm * f.lam[None, :]) @ sm.T - (f.p * (f.lam @ s.inv_e)[None, :]) @ f.p.T
+    grad_k, sm = _grad_k_twice(f.p, s.a, f.lam, s.inv_e)
     if m_is_factor:
         rotated = _sym((s.a * f.mu[None, :]) @ s.a.T) - jnp.diag(s.inv_e @ f.mu)  # 2 Vᵀ G V
         g_m = EighFactor((g * f.q_m) @ (rotated * f.lam[None, :]), (0.5 * g) * jnp.diagonal(rotated))
     else:
         grad_m = (r * f.mu[None, :]) @ r.T - (f.q_m * (s.inv_e @ f.mu)[None, :]) @ f.q_m.T
         g_m = (0.5 * g) * _sym(grad_m)
-    return -g * w, g_m, (0.5 * g) * _sym(grad_k), sm
+    return -g * w, g_m, (0.5 * g) * grad_k, sm
 
 
 def _grad_sigma_full(f: _Factors, s: _Solved, sm: Array) -> Array:
@@ -411,13 +416,12 @@ def _loglik_rotated_bwd(res, g):
     # diagonal of ½ (A diag(μ) Aᵀ - diag(Σ_j μ_j / E_tj)).
     f, s = res
     g = _scale(s, g)
-    sm = f.p @ s.a.T
-    grad_k = (sm * f.lam[None, :]) @ sm.T - (f.p * (f.lam @ s.inv_e)[None, :]) @ f.p.T
+    grad_k, _ = _grad_k_twice(f.p, s.a, f.lam, s.inv_e)
     grad_lam = (s.a * s.a) @ f.mu - s.inv_e @ f.mu
     return (
         -g * (s.a @ f.p.T),
         (0.5 * g) * grad_lam,
-        (0.5 * g) * _sym(grad_k),
+        (0.5 * g) * grad_k,
         g * _grad_log_var(f, s, s.a @ f.q_k.T),
     )
 
@@ -564,8 +568,7 @@ def _loglik_lowrank_bwd(diag, res, g):
     w = (s.resid + s.u @ s.a1) @ n.p.T
     ata = s.a1.T @ s.a1 + s.resid.T @ s.resid
     c = jnp.sum(s.inv_e, axis=0) + (T - s.lam.shape[0])
-    sm = n.p @ s.a1.T  # (D, r)
-    grad_k = (sm * s.lam[None, :]) @ sm.T - (n.p * (s.lam @ s.inv_e)[None, :]) @ n.p.T
+    grad_k, _ = _grad_k_twice(n.p, s.a1, s.lam, s.inv_e)  # only the r rows with λ > 0 contribute
     a = s.inv_e @ n.mu
     c0 = jnp.sum(n.mu)
     grad_g = w @ (_sym(K) @ (w.T @ G)) - c0 * G - s.u @ ((a - c0)[:, None] * (s.u.T @ G))
@@ -573,7 +576,7 @@ def _loglik_lowrank_bwd(diag, res, g):
         grad_noise = 0.5 * (jnp.sum((n.q_k @ ata) * n.q_k, axis=1) - (n.q_k * n.q_k) @ c)
     else:
         grad_noise = 0.5 * _sym(n.p @ ata @ n.p.T - (n.p * c[None, :]) @ n.p.T)
-    return -g * w, g * grad_g, (0.5 * g) * _sym(grad_k), g * grad_noise
+    return -g * w, g * grad_g, (0.5 * g) * grad_k, g * grad_noise
 
 
 _loglik_lowrank.defvjp(_loglik_lowrank_fwd, _loglik_lowrank_bwd)
