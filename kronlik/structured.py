@@ -408,21 +408,22 @@ def _loglik_rotated(y_rot: Array, lam: Array, K: Array, log_var: Array) -> Array
 
 def _loglik_rotated_fwd(y_rot, lam, K, log_var):
     f, s = _rotated_parts(y_rot, lam, K, log_var)
-    return s.value, (f, s)
+    return s.value, (f, s, log_var)
 
 
 def _loglik_rotated_bwd(res, g):
     # The same formulas as _cotangents_y_m_k with Q_M = I: M = diag(λ), so ∂L/∂λ is the
     # diagonal of ½ (A diag(μ) Aᵀ - diag(Σ_j μ_j / E_tj)).
-    f, s = res
+    f, s, log_var = res
     g = _scale(s, g)
     grad_k, _ = _grad_k_twice(f.p, s.a, f.lam, s.inv_e)
     grad_lam = (s.a * s.a) @ f.mu - s.inv_e @ f.mu
+    w_white = s.a @ f.q_k.T  # W diag(e^{s/2}); W itself is a column scaling away, as in _loglik_diag_bwd
     return (
-        -g * (s.a @ f.p.T),
+        -g * (w_white * jnp.exp(-0.5 * log_var)[None, :]),
         (0.5 * g) * grad_lam,
         (0.5 * g) * grad_k,
-        g * _grad_log_var(f, s, s.a @ f.q_k.T),
+        g * _grad_log_var(f, s, w_white),
     )
 
 
