@@ -1,18 +1,18 @@
 """kronlik: the Gaussian log-likelihood with covariance M ⊗ K + I_T ⊗ Σ, and its gradients.
 
 ``vec(Y) ~ N(0, U)``, ``U = M ⊗ K + I_T ⊗ Σ``, ``Y`` of shape (T, D), ``vec(Y) = Y.reshape(-1)``.
-The structured math is in :mod:`kronlik.structured`, the dense references in
-:mod:`kronlik.reference`, the gradient cross-check in :mod:`kronlik.gradcheck`.
+The public functions are in :mod:`kronlik.structured`, the forms of M in :mod:`kronlik.forms`,
+the one structured core in ``kronlik._core`` (with the noise models in ``kronlik._noise``), the
+dense and exact references in :mod:`kronlik.reference`, fitting in :mod:`kronlik.fitting`.
 """
 
 from . import reference
 from ._checks import default_floating_dtype
-from ._validate import validate
+from ._validate import Validation, validate
 from .fitting import FitResult, fit, fit_log_var
+from .forms import Diagonal, EighFactor, LowRank, psd_tolerance
 from .gradcheck import GradientReport, check_gradients
 from .structured import (
-    EighFactor,
-    LowRank,
     factorize,
     grad_log_var,
     grad_sigma,
@@ -23,24 +23,27 @@ from .structured import (
     solve,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "Diagonal",
     "EighFactor",
     "FitResult",
+    "GradientReport",
     "LowRank",
+    "Validation",
+    "check_gradients",
+    "default_floating_dtype",
     "factorize",
     "fit",
     "fit_log_var",
-    "loglik_diag_rotated",
-    "predict",
-    "GradientReport",
-    "check_gradients",
-    "default_floating_dtype",
     "grad_log_var",
     "grad_sigma",
     "loglik",
     "loglik_diag",
+    "loglik_diag_rotated",
+    "predict",
+    "psd_tolerance",
     "reference",
     "solve",
     "validate",

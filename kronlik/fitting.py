@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._checks import EighFactor, prepare
-from .structured import _rotated_value_and_grad_log_var, factorize, loglik_diag_rotated
+from ._checks import prepare
+from ._noise import LogVarNoise
+from .forms import Dense, Diagonal, EighFactor
+from .structured import factorize, loglik_diag
 
 Array = jax.Array
 
@@ -137,8 +139,9 @@ def fit_log_var(
     """Maximise L over the log noise variances s, Σ = diag(eˢ), with M and K fixed.
 
     M is eigendecomposed once (or pass :func:`kronlik.factorize` of it) and Y rotated
-    once, O(T³ + T²D); each step then costs O(TD² + D³) (:func:`loglik_diag_rotated`).
-    The gradient given to optax is the hand-derived eˢ ⊙ diag(∂L/∂Σ), not autodiff.
+    once, O(T³ + T²D); each step then costs O(TD² + D³) (M as :class:`kronlik.Diagonal`).
+    Other forms of M (:class:`kronlik.LowRank`) are used as they are, at their own cost per
+    step. The gradient given to optax is kronlik's hand-derived eˢ ⊙ diag(∂L/∂Σ).
 
     Args:
       Y, M, K: as in :func:`kronlik.loglik_diag`.
@@ -157,19 +160,24 @@ def fit_log_var(
       A :class:`FitResult` whose ``params`` are the fitted log-variances and ``value``
       the final L.
     """
-    Y, M, K, log_var0 = prepare(Y, M, K, log_var0, "log_var")
-    fm = M if isinstance(M, EighFactor) else factorize(M)
-    y_rot = fm.vectors.T @ Y
-    lam = fm.values
+    Y, form, K, noise = prepare(Y, M, K, log_var0, LogVarNoise)
+    log_var0 = noise.log_var
+    if isinstance(form, Dense):
+        form = factorize(form.matrix)
+    if isinstance(form, EighFactor):  # rotate once; each step is then O(TD² + D³)
+        y_fit, m_fit = form.vectors.T @ Y, Diagonal(form.values)
+    else:
+        y_fit, m_fit = Y, form
     tol = _default_tol(Y.dtype) if tol is None else tol
     rtol = 4 * float(jnp.finfo(Y.dtype).eps) if rtol is None else rtol
+    value_and_grad = jax.value_and_grad(loglik_diag, argnums=3)  # the hand-derived backward pass
 
     def neg_value_and_grad(s):
-        value, grad = _rotated_value_and_grad_log_var(y_rot, lam, K, s)
+        value, grad = value_and_grad(y_fit, m_fit, K, s)
         return -value, -grad
 
-    def neg_value(s):  # for line searches; differentiable by the same hand-derived formula
-        return -loglik_diag_rotated(y_rot, lam, K, s)
+    def neg_value(s):  # for line searches
+        return -loglik_diag(y_fit, m_fit, K, s)
 
     optimizer = optax.lbfgs() if optimizer is None else optimizer
     return _minimise(

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import reference
-from ._checks import default_floating_dtype, prepare
+from ._checks import default_floating_dtype
 from ._validate import validate
+from .reference import as_dense_arrays
 from .structured import grad_sigma, loglik
 
 Array = jax.Array
@@ -117,7 +118,7 @@ def check_gradients(
     Small problems only: the references build the (TD, TD) matrix.
     """
     validate(Y, M, K, Sigma)
-    args = prepare(Y, M, K, Sigma)
+    args = as_dense_arrays(Y, M, K, Sigma)
     dtype = args[0].dtype
     ref_dtype = default_floating_dtype()
     tol = _TOLERANCES[(dtype.name, ref_dtype.name)]

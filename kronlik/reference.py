@@ -1,29 +1,45 @@
 r"""Dense, obviously-correct references: they build the (TD, TD) matrix U.
 
-These exist to check the structured code against, on small problems: memory is
-O(T²D²) and time O(T³D³). ``jax.grad(reference.loglik)`` is the autodiff witness of
-the tests and of :func:`kronlik.check_gradients`. Like the structured code they
-symmetrise M, K and Σ, so both define the same function of non-symmetric inputs.
+These exist to check the structured code against, on small problems: memory is O(T²D²) and
+time O(T³D³). ``jax.grad(reference.loglik)`` is the autodiff witness of the tests and of
+:func:`kronlik.check_gradients`. Like the structured code they symmetrise M, K and Σ, so both
+define the same function of non-symmetric inputs.
+
+:func:`exact` is the reference for the references: the same formulas in arbitrary precision
+(mpmath, the ``test`` extra), for tiny problems where float64 itself is in doubt (graded noise,
+extreme scales). Its inputs are the float64 numbers given, taken exactly.
 """
 
 from __future__ import annotations
 
 import math
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import cho_solve, solve_triangular
 
 from ._checks import prepare
+from ._noise import FullNoise
+from .forms import Dense
 
 Array = jax.Array
 
-__all__ = ["dense_covariance", "loglik", "blockdiag_sum", "grad_sigma"]
+__all__ = ["as_dense_arrays", "dense_covariance", "loglik", "blockdiag_sum", "grad_sigma", "exact", "Exact"]
 
 
 def _sym(a: Array) -> Array:
     return 0.5 * (a + a.T)
+
+
+def as_dense_arrays(Y, M, K, Sigma) -> tuple[Array, Array, Array, Array]:
+    """(Y, M, K, Σ) as arrays of one floating dtype with fitting shapes (the checks of kronlik.loglik)."""
+    Y, form, K, noise = prepare(Y, M, K, Sigma, FullNoise)
+    if not isinstance(form, Dense):
+        raise TypeError(f"the dense references take M as a (T, T) array; got {type(form).__name__}")
+    return Y, form.matrix, K, noise.sigma
 
 
 @jax.jit
@@ -34,8 +50,8 @@ def _dense_covariance(M: Array, K: Array, Sigma: Array) -> Array:
 
 def dense_covariance(M: Array, K: Array, Sigma: Array) -> Array:
     """U = M ⊗ K + I_T ⊗ Σ, the (TD, TD) covariance of ``Y.reshape(-1)``."""
-    T, D = M.shape[0], K.shape[0]
-    _, M, K, Sigma = prepare(jnp.zeros((T, D), jnp.asarray(M).dtype), M, K, Sigma)
+    T, D = jnp.shape(M)[0], jnp.shape(K)[0]
+    _, M, K, Sigma = as_dense_arrays(jnp.zeros((T, D), jnp.asarray(M).dtype), M, K, Sigma)
     return _dense_covariance(M, K, Sigma)
 
 
@@ -50,7 +66,7 @@ def _loglik(Y: Array, M: Array, K: Array, Sigma: Array) -> Array:
 
 def loglik(Y: Array, M: Array, K: Array, Sigma: Array) -> Array:
     """L = -½ log det U - ½ vᵀU⁻¹v - (TD/2) log 2π via the Cholesky factor of U."""
-    return _loglik(*prepare(Y, M, K, Sigma))
+    return _loglik(*as_dense_arrays(Y, M, K, Sigma))
 
 
 @partial(jax.jit, static_argnums=1)
@@ -85,4 +101,90 @@ def _grad_sigma(Y: Array, M: Array, K: Array, Sigma: Array) -> Array:
 
 def grad_sigma(Y: Array, M: Array, K: Array, Sigma: Array) -> Array:
     """∂L/∂Σ = ½ (C - B) built literally: B and C are block-diagonal sums of U⁻¹ and U⁻¹vvᵀU⁻¹."""
-    return _grad_sigma(*prepare(Y, M, K, Sigma))
+    return _grad_sigma(*as_dense_arrays(Y, M, K, Sigma))
+
+
+class Exact(NamedTuple):
+    """L and its gradients in arbitrary precision, rounded to float64 at the end."""
+
+    value: float
+    y: np.ndarray  # (T, D) ∂L/∂Y = -W
+    m: np.ndarray  # (T, T) ∂L/∂M (symmetric)
+    k: np.ndarray  # (D, D) ∂L/∂K (symmetric)
+    noise: np.ndarray  # (D, D) ∂L/∂Σ, or (D,) ∂L/∂s for log_var
+    solve: np.ndarray  # (T, D) W = unvec(U⁻¹ v)
+
+
+def exact(Y, M, K, Sigma=None, *, log_var=None, digits: int = 80, gradients: bool = True) -> Exact:
+    """The likelihood and every gradient with ``digits`` significant digits (mpmath), for tiny problems.
+
+    Inputs are converted to float64 and then used exactly (Σ = diag(exp(log_var)) is
+    exponentiated in the working precision). U is factorised by an mpmath Cholesky; with
+    Γ = wwᵀ - U⁻¹, dL = ½ tr(Γ dU) gives ∂L/∂M_ts = ½ Σ_de Γ_(td)(se) K_de,
+    ∂L/∂K_de = ½ Σ_ts Γ_(td)(se) M_ts, ∂L/∂Σ_de = ½ Σ_t Γ_(td)(te), ∂L/∂s = eˢ ⊙ diag(∂L/∂Σ).
+    Cost O((TD)³) in Python arithmetic: TD of a few dozen takes seconds.
+    """
+    import mpmath
+
+    if (Sigma is None) == (log_var is None):
+        raise TypeError("exact needs exactly one of Sigma or log_var=")
+    with mpmath.workdps(digits):
+        mp = mpmath.mpf
+        Y, M, K = (np.asarray(a, np.float64) for a in (Y, M, K))
+        T, D = Y.shape
+
+        def sym(a):
+            return [[(mp(a[i, j]) + mp(a[j, i])) / 2 for j in range(a.shape[0])] for i in range(a.shape[0])]
+
+        m, k = sym(M), sym(K)
+        if log_var is None:
+            s = sym(np.asarray(Sigma, np.float64))
+        else:
+            lv = np.asarray(log_var, np.float64)
+            s = [[mpmath.exp(mp(lv[i])) if i == j else mp(0) for j in range(D)] for i in range(D)]
+        n = T * D
+        U = mpmath.matrix(n, n)
+        for t in range(T):
+            for u in range(T):
+                for d in range(D):
+                    for e in range(D):
+                        U[t * D + d, u * D + e] = m[t][u] * k[d][e] + (s[d][e] if t == u else 0)
+        v = mpmath.matrix([mp(x) for x in Y.reshape(-1)])
+        L = mpmath.cholesky(U)
+        logdet = 2 * mpmath.fsum(mpmath.log(L[i, i]) for i in range(n))
+        w = mpmath.cholesky_solve(U, v)
+        quad = mpmath.fsum(v[i] * w[i] for i in range(n))
+        value = -(logdet + quad + n * mpmath.log(2 * mpmath.pi)) / 2
+        W = np.array([[float(w[t * D + d]) for d in range(D)] for t in range(T)])
+        if not gradients:
+            nan = np.full((1,), np.nan)
+            return Exact(float(value), -W, nan, nan, nan, W)
+        # U⁻¹ from the Cholesky factor: L⁻¹ by forward substitution, then U⁻¹ = L⁻ᵀ L⁻¹.
+        Linv = mpmath.inverse(L)
+        Uinv = Linv.T * Linv
+        gamma = [[w[i] * w[j] - Uinv[i, j] for j in range(n)] for i in range(n)]
+
+        def g(t, d, u, e):
+            return gamma[t * D + d][u * D + e]
+
+        gm = [
+            [mpmath.fsum(g(t, d, u, e) * k[d][e] for d in range(D) for e in range(D)) / 2 for u in range(T)]
+            for t in range(T)
+        ]
+        gk = [
+            [mpmath.fsum(g(t, d, u, e) * m[t][u] for t in range(T) for u in range(T)) / 2 for e in range(D)]
+            for d in range(D)
+        ]
+        gs = [[mpmath.fsum(g(t, d, t, e) for t in range(T)) / 2 for e in range(D)] for d in range(D)]
+        if log_var is None:
+            noise = np.array([[float(x) for x in row] for row in gs])
+        else:
+            noise = np.array([float(s[d][d] * gs[d][d]) for d in range(D)])
+        return Exact(
+            float(value),
+            -W,
+            np.array([[float(x) for x in row] for row in gm]),
+            np.array([[float(x) for x in row] for row in gk]),
+            noise,
+            W,
+        )

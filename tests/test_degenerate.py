@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import max_rel
+from helpers import max_rel
 
 import kronlik
 from kronlik import reference
@@ -92,7 +92,7 @@ def test_roundoff_negative_eigenvalues_are_clipped(rng):
     # as the PSD matrix it should be: finite, equal to the clipped M, validate accepts.
     T, D = 7, 3
     q = _orthogonal(rng, T)
-    lam = np.array([-2e-12, 0.0, 1e-3, 0.5, 1.0, 2.0, 3.0])
+    lam = np.array([-2e-15, 0.0, 1e-3, 0.5, 1.0, 2.0, 3.0])  # round-off: within 10·sqrt(7)·eps·3
     M = (q * lam) @ q.T
     M_clipped = (q * np.maximum(lam, 0)) @ q.T
     Y, K, Sigma = rng.standard_normal((T, D)), np.eye(D), 0.5 * np.eye(D)
@@ -103,6 +103,6 @@ def test_roundoff_negative_eigenvalues_are_clipped(rng):
     kronlik.validate(Y, M, K, Sigma)
     # same for K, through the diagonal path
     q3 = _orthogonal(rng, D)
-    K_round = (q3 * np.array([-1e-14, 1.0, 2.0])) @ q3.T
+    K_round = (q3 * np.array([-1e-15, 1.0, 2.0])) @ q3.T
     assert np.isfinite(kronlik.loglik_diag(Y, M_clipped, K_round, jnp.zeros(D)))
     kronlik.validate(Y, M_clipped, K_round, log_var=jnp.zeros(D))

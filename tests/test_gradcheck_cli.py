@@ -47,7 +47,7 @@ def test_a_wrong_gradient_is_caught(monkeypatch):
 
 def test_check_gradients_validates_input():
     Y, M, K, Sigma = gradcheck.demo_problems()["smooth"]
-    with pytest.raises(ValueError, match="Sigma is not positive definite"):
+    with pytest.raises(ValueError, match="not positive"):
         kronlik.check_gradients(Y, M, K, -Sigma)
 
 

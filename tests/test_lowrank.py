@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import max_rel, random_problem
+from helpers import max_rel, random_problem
 
 import kronlik
 from kronlik import reference

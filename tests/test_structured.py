@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import jax.test_util
 import numpy as np
 import pytest
-from conftest import max_rel, random_problem
+from helpers import max_rel, random_problem
 
 import kronlik
 from kronlik import reference

@@ -1,0 +1,251 @@
+r"""The forms in which M can be given, and what each contributes to the one structured core.
+
+Every form is a small NamedTuple of arrays (so a pytree: it passes through ``jax.jit``,
+``jax.vmap`` and ``jax.grad``, whose cotangent for it has the same form) with four methods:
+
+* ``arrays()``: its arrays by name (``"M"``, ``"M.vectors"``, ...), for dtype checks and messages;
+* ``check_shape(y_shape)``: raise ``ValueError`` at trace time unless it is (T, T) for Y of shape (T, D);
+* ``eigenbasis()``: the :class:`Basis` M = V diag(λ) Vᵀ with V of orthonormal columns; where V
+  has fewer than T columns, M is zero on the complement of span(V) (there λ = 0);
+* ``cotangent(basis, ct)``: the form's own cotangent given ∂L/∂M as an :class:`MCotangent`.
+
+The core (:mod:`kronlik._core`) never looks at the form otherwise. A new form (say M = M₁ ⊗ M₂)
+is one class here plus one entry in ``FORMS`` and in the conformance test's list.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+__all__ = ["Dense", "EighFactor", "LowRank", "Diagonal", "Basis", "MCotangent", "as_form", "psd_tolerance"]
+
+
+def psd_tolerance(n: int, dtype) -> float:
+    r"""Relative backward error below which a negative eigenvalue of an n×n PSD factor is round-off.
+
+    ``min(10·sqrt(n)·eps, sqrt(eps))``: a symmetric matrix assembled in floating point (a kernel matrix, GGᵀ/m)
+    and eigendecomposed by a backward-stable solver has computed eigenvalues within
+    ‖ΔA‖ ≈ c·sqrt(n)·eps·‖A‖ of a PSD matrix, with c ≈ 0.05–0.25 measured on RBF, Matérn and
+    GGᵀ matrices for n = 50…4000 in float32 and float64; 10 leaves a margin of 40×. The cap
+    sqrt(eps) (3.5e-4 in float32, 1.5e-8 in float64) keeps an eigenvalue of -0.1 % of ‖A‖ from
+    ever counting as round-off, whatever n. An eigenvalue within the tolerance of zero, negative
+    or positive, is set to zero (a backward perturbation of A of that size); a more negative one
+    makes the likelihood NaN and :func:`kronlik.validate` raise.
+    """
+    eps = float(jnp.finfo(dtype).eps)
+    return min(10.0 * math.sqrt(n) * eps, math.sqrt(eps))
+
+
+def _clip_psd(lam: Array) -> tuple[Array, Array]:
+    """Eigenvalues within round-off of zero set to 0, and 'finite and PSD to round-off'.
+
+    Positive round-off goes too: an eigenvalue below psd_tolerance·max|λ| is zero to the
+    accuracy M is known to, and keeping it would let a numerically singular U pass as a
+    finite (meaningless) likelihood.
+    """
+    n = lam.shape[0]
+    scale = jnp.max(jnp.abs(lam))
+    tol = psd_tolerance(n, lam.dtype) * scale
+    ok = jnp.all(lam >= -tol) & jnp.isfinite(scale)  # False for NaN too
+    return jnp.where(lam > tol, lam, 0.0), ok
+
+
+def _sym(a: Array) -> Array:
+    return 0.5 * (a + a.T)
+
+
+def _orthonormal(vectors: Array) -> Array:
+    """Whether VᵀV = I to round-off, probed in O(T²) with one fixed vector x: ‖VᵀVx - x‖ ≤ tol ‖x‖.
+
+    A non-orthonormal V makes every formula of the core wrong while staying finite, so it is part
+    of the validity flag. For VᵀV ≠ I, (VᵀV - I) x = 0 only on a null set of x; this x (a
+    deterministic quasi-random vector) is not chosen by the caller.
+    """
+    T = vectors.shape[0]
+    x = jnp.sin(jnp.arange(1, T + 1, dtype=vectors.dtype) * 0.7548776662466927)  # a plastic-number sequence
+    resid = vectors.T @ (vectors @ x) - x
+    tol = 10.0 * psd_tolerance(T, vectors.dtype)
+    return (jnp.linalg.norm(resid) <= tol * jnp.linalg.norm(x)) & jnp.all(jnp.isfinite(vectors))
+
+
+class Basis(NamedTuple):
+    """M = V diag(λ) Vᵀ (+ zeros on the complement of span(V) when V has r < T columns)."""
+
+    vectors: Array | None  # (T, r) orthonormal columns; None means V = I (M is diagonal)
+    lam: Array  # (r,) eigenvalues, those within round-off of 0 set to 0
+    ok: Array  # () bool: finite and PSD to round-off (psd_tolerance)
+    lam_min: Array  # () the smallest eigenvalue before clipping, for validate's message
+
+    def rotate(self, Y: Array) -> Array:
+        """Vᵀ Y, shape (r, D)."""
+        return Y if self.vectors is None else self.vectors.T @ Y
+
+    def unrotate(self, X: Array) -> Array:
+        """V X, shape (T, D)."""
+        return X if self.vectors is None else self.vectors @ X
+
+    def num_complement(self) -> int:
+        """T - r: how many eigenvalues of M are zero outside span(V) (a static int)."""
+        return 0 if self.vectors is None else self.vectors.shape[0] - self.vectors.shape[1]
+
+
+class MCotangent(NamedTuple):
+    r"""g·∂L/∂M, described so that each form can use it without forming what it does not need.
+
+    With R = unvec(U⁻¹v) P (T, D) the solve in the noise-balanced basis and A = Vᵀ R:
+
+        g·∂L/∂M = h (R diag(κ) Rᵀ - V diag(a) Vᵀ - c₀ (I - V Vᵀ)),
+
+    where R diag(κ) Rᵀ = W K Wᵀ, a_t = Σ_j κ_j / E_tj, c₀ = Σ_j κ_j / ν_j (a on the complement)
+    and h = g/2 (already NaN when the value is NaN).
+    """
+
+    r: Array  # (T, D)
+    a_rot: Array  # (r, D) Vᵀ R
+    kappa: Array  # (D,)
+    a: Array  # (r,)
+    c0: Array  # ()
+    h: Array  # ()
+
+    def rotated(self) -> Array:
+        """Vᵀ (g·∂L/∂M) V = h (A diag(κ) Aᵀ - diag(a)), shape (r, r)."""
+        return self.h * (_sym((self.a_rot * self.kappa[None, :]) @ self.a_rot.T) - jnp.diag(self.a))
+
+    def rotated_diagonal(self) -> Array:
+        """diag(Vᵀ (g·∂L/∂M) V), shape (r,), without the (r, r) matrix."""
+        return self.h * ((self.a_rot * self.a_rot) @ self.kappa - self.a)
+
+
+class Dense(NamedTuple):
+    """M as a (T, T) array: eigendecomposed by ``eigh`` on every call (kronlik wraps arrays in this)."""
+
+    matrix: Array
+
+    def arrays(self) -> dict[str, Array]:
+        return {"M": self.matrix}
+
+    def check_shape(self, y_shape: tuple[int, int]) -> None:
+        T = y_shape[0]
+        if self.matrix.shape != (T, T):
+            raise ValueError(
+                f"M must have shape (T, T) = {(T, T)} to match Y of shape {y_shape}; got {self.matrix.shape}"
+            )
+
+    def eigenbasis(self) -> Basis:
+        lam, q = jnp.linalg.eigh(self.matrix)  # symmetrises, as cholesky does
+        clipped, ok = _clip_psd(lam)
+        return Basis(q, clipped, ok, lam[0])
+
+    def cotangent(self, basis: Basis, ct: MCotangent) -> Dense:
+        # One T×T×D and one T×T×T product: the second is the price of a dense output of rank T.
+        g = (ct.r * ct.kappa[None, :]) @ ct.r.T - (basis.vectors * ct.a[None, :]) @ basis.vectors.T
+        return Dense(ct.h * _sym(g))
+
+
+class EighFactor(NamedTuple):
+    """M = vectors @ diag(values) @ vectors.T, as :func:`kronlik.factorize` returns it.
+
+    Pass it wherever an M is accepted to skip the O(T³) eigendecomposition of a fixed M (in a
+    fitting loop, or for many Y), and differentiate with respect to its two arrays if you
+    parametrise M by them: the cotangent is ∂L/∂values = diag(Vᵀ G V) and
+    ∂L/∂vectors = 2 G V diag(values), G = ∂L/∂M.
+    """
+
+    vectors: Array  # (T, T), orthonormal columns
+    values: Array  # (T,), non-negative; NaN if the M it came from was not PSD
+
+    def arrays(self) -> dict[str, Array]:
+        return {"M.vectors": self.vectors, "M.values": self.values}
+
+    def check_shape(self, y_shape: tuple[int, int]) -> None:
+        T = y_shape[0]
+        if self.vectors.shape != (T, T) or self.values.shape != (T,):
+            raise ValueError(
+                f"an EighFactor for M must have vectors {(T, T)} and values {(T,)} to match Y of shape {y_shape}; "
+                f"got {self.vectors.shape} and {self.values.shape}"
+            )
+
+    def eigenbasis(self) -> Basis:
+        clipped, ok = _clip_psd(self.values)
+        return Basis(self.vectors, clipped, ok & _orthonormal(self.vectors), jnp.min(self.values))
+
+    def cotangent(self, basis: Basis, ct: MCotangent) -> EighFactor:
+        rotated = ct.rotated()  # Vᵀ G V
+        return EighFactor(2.0 * (basis.vectors @ (rotated * basis.lam[None, :])), jnp.diagonal(rotated))
+
+
+class LowRank(NamedTuple):
+    """M = G Gᵀ given by its (T, r) factor G, typically r ≪ T (markers, random features).
+
+    A thin SVD G = U_g S V_gᵀ gives the basis (λ = S², zero on the complement of span(G)), so the
+    likelihood costs O(T r² + r³ + D³ + T D (r + D)) time and O(T (r + D)) memory, and its
+    cotangent is LowRank(∂L/∂G) with ∂L/∂G = 2 (∂L/∂M) G, never forming a T×T matrix.
+    """
+
+    factor: Array  # (T, r)
+
+    def arrays(self) -> dict[str, Array]:
+        return {"M.factor": self.factor}
+
+    def check_shape(self, y_shape: tuple[int, int]) -> None:
+        T = y_shape[0]
+        if self.factor.ndim != 2 or self.factor.shape[0] != T or self.factor.shape[1] == 0:
+            raise ValueError(
+                f"a LowRank M needs a factor G of shape (T, r) = ({T}, r >= 1) to match Y of shape {y_shape}; "
+                f"got {self.factor.shape}"
+            )
+
+    def eigenbasis(self) -> Basis:
+        u, sv, _ = jnp.linalg.svd(self.factor, full_matrices=False)
+        lam = sv * sv
+        ok = jnp.all(jnp.isfinite(lam)) & jnp.all(jnp.isfinite(u))
+        return Basis(u, lam, ok, jnp.min(lam))
+
+    def cotangent(self, basis: Basis, ct: MCotangent) -> LowRank:
+        # 2 G_M G with G_M = h (R diag(κ) Rᵀ - V diag(a) Vᵀ - c₀ (I - V Vᵀ)); no T×T matrix.
+        G, V = self.factor, basis.vectors
+        vtg = V.T @ G
+        g = (ct.r * ct.kappa[None, :]) @ (ct.r.T @ G) - V @ ((ct.a - ct.c0)[:, None] * vtg) - ct.c0 * G
+        return LowRank(2.0 * ct.h * g)
+
+
+class Diagonal(NamedTuple):
+    """M = diag(values): already in its eigenbasis (Y rotated once by a fixed M's eigenvectors).
+
+    The per-step form of a fitting loop: ``loglik_diag(fm.vectors.T @ Y, Diagonal(fm.values), K, s)``
+    equals ``loglik_diag(Y, M, K, s)`` at O(TD² + D³) a call.
+    """
+
+    values: Array  # (T,)
+
+    def arrays(self) -> dict[str, Array]:
+        return {"M.values": self.values}
+
+    def check_shape(self, y_shape: tuple[int, int]) -> None:
+        T = y_shape[0]
+        if self.values.shape != (T,):
+            raise ValueError(
+                f"a Diagonal M needs values of shape (T,) = ({T},) to match Y of shape {y_shape}; "
+                f"got {self.values.shape}"
+            )
+
+    def eigenbasis(self) -> Basis:
+        clipped, ok = _clip_psd(self.values)
+        return Basis(None, clipped, ok, jnp.min(self.values))
+
+    def cotangent(self, basis: Basis, ct: MCotangent) -> Diagonal:
+        return Diagonal(ct.rotated_diagonal())
+
+
+FORMS = (Dense, EighFactor, LowRank, Diagonal)
+
+
+def as_form(M) -> Dense | EighFactor | LowRank | Diagonal:
+    """A registered form as is; anything else is taken as a dense (T, T) array."""
+    return M if isinstance(M, FORMS) else Dense(jnp.asarray(M))
