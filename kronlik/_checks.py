@@ -77,3 +77,18 @@ def same_dtype(name: str, x, like: Array) -> Array:
     if x.dtype != like.dtype:
         raise TypeError(f"{name} must be {like.dtype} like the other inputs; got {x.dtype}")
     return x
+
+
+def check_eigh_dtype(eigh_dtype) -> str | None:
+    """``eigh_dtype`` as a dtype name (hashable, static), or ``ValueError`` if it is not available."""
+    if eigh_dtype is None:
+        return None
+    name = np.dtype(eigh_dtype).name
+    if name not in ("float32", "float64"):
+        raise ValueError(f"eigh_dtype must be None, 'float32' or 'float64'; got {eigh_dtype!r}")
+    if np.dtype(jax.dtypes.canonicalize_dtype(name)).name != name:
+        raise ValueError(
+            f"eigh_dtype={name!r} needs jax.config.update('jax_enable_x64', True); "
+            "kronlik never turns it on itself"
+        )
+    return name

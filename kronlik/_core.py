@@ -61,7 +61,7 @@ class Flags(NamedTuple):
     k_psd: Array  # K positive semi-definite to round-off (measured in the pencil)
     noise_psd: Array  # Σ positive semi-definite to round-off
     s_pd: Array  # αK + Σ positive definite
-    u_pd: Array  # every E_tj > 0 (and ν_j > 0 where M has a zero eigenvalue): U positive definite
+    u_pd: Array  # no E_tj is round-off (ν_j, or λ_t and ρ_j, resolved from 0): U numerically PD
 
     def all(self) -> Array:
         return self.finite & self.m_psd & self.k_psd & self.noise_psd & self.s_pd & self.u_pd
@@ -85,8 +85,8 @@ def _all_finite(tree) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
-def _factor(form, K: Array, noise: Noise) -> Factors:
-    basis = form.eigenbasis()
+def _factor(form, K: Array, noise: Noise, eigh_dtype=None) -> Factors:
+    basis = form.eigenbasis(eigh_dtype)
     n_perp = basis.num_complement()
     lam = basis.lam
     T = lam.shape[0] + n_perp
@@ -97,31 +97,34 @@ def _factor(form, K: Array, noise: Noise) -> Factors:
     alpha = jnp.where(alpha > 0, alpha, jnp.ones((), lam.dtype))
     pencil = noise.pencil(K, alpha)
     e = (lam / alpha)[:, None] * pencil.rho[None, :] + pencil.nu[None, :]
-    u_pd = jnp.all(e > 0)
+    # U is numerically singular where the noise vanishes (ν_j unresolved) and so does M ⊗ K
+    # (λ_t or ρ_j unresolved): E_tj is then round-off, and any value computed from it noise.
+    resolved = (basis.resolved[:, None] & pencil.rho_resolved[None, :]) | pencil.nu_resolved[None, :]
+    u_pd = jnp.all(resolved) & jnp.all(e > 0)
     if n_perp:
-        u_pd = u_pd & jnp.all(pencil.nu > 0)
+        u_pd = u_pd & jnp.all(pencil.nu_resolved)
     finite = _all_finite((form, K, noise))
     flags = Flags(finite, basis.ok, pencil.ok_k, pencil.ok_noise, pencil.ok_s, u_pd)
     return Factors(basis, pencil, alpha, e, 1.0 / e, flags)
 
 
-def not_differentiable(fn):
+def not_differentiable(fn, nondiff_argnums: tuple[int, ...] = ()):
     """``fn`` with every derivative (forward or reverse) refused by a ``TypeError`` that says why.
 
     Where no input carries a tangent (e.g. a derivative with respect to Y only), JAX does not
     ask for the rule and ``fn`` is simply evaluated.
     """
-    guarded = jax.custom_jvp(fn)
+    guarded = jax.custom_jvp(fn, nondiff_argnums=nondiff_argnums)
 
-    def refuse(primals, tangents):
+    def refuse(*args):
         raise TypeError(_NOT_DIFFERENTIABLE)
 
     guarded.defjvp(refuse)
     return guarded
 
 
-factor = not_differentiable(_factor)
-factor.__doc__ = "Factorise U (M's basis, the pencil of K and Σ, E); never differentiated."
+factor = not_differentiable(_factor, nondiff_argnums=(3,))
+factor.__doc__ = "factor(form, K, noise, eigh_dtype): M's basis, the pencil of K and Σ, E; never differentiated."
 
 
 class Solved(NamedTuple):

@@ -1,22 +1,27 @@
-r"""The noise models: Σ as a full (D, D) matrix or as log-variances, and the stable pencil of (K, Σ).
+r"""The noise models (Σ a full (D, D) matrix, or log-variances) and the stable pencil of (K, Σ).
 
-Both diagonalise K and Σ simultaneously through their balanced *sum* S = αK + Σ (α the mean
-eigenvalue of M), never through Σ alone:
+K and Σ are diagonalised together through their balanced *sum* S = αK + Σ (α the mean
+eigenvalue of M), never through Σ alone. With K = F_K F_Kᵀ and Σ = F_Σ F_Σᵀ (PSD factors: an
+``eigh`` of K, and of Σ or diag(e^{s/2})), Jacobi scaling D = diag(S)^{1/2}, and
+F̂_K = √α D⁻¹ F_K, F̂_Σ = D⁻¹ F_Σ:
 
-    S̃ = D⁻¹ S D⁻¹ = C Cᵀ   (D = diag(S)^{1/2}, Jacobi scaling: S̃ has unit diagonal)
-    K̂ = α D⁻¹ K D⁻¹,   Σ̂ = D⁻¹ Σ D⁻¹,   K̂ + Σ̂ = S̃
-    C⁻¹ K̂ C⁻ᵀ = Q diag(·) Qᵀ,   P̃ = C⁻ᵀ Q,   P = D⁻¹ P̃
-    ρ_j = p̃_jᵀ K̂ p̃_j,   ν_j = p̃_jᵀ Σ̂ p̃_j        (Rayleigh quotients, 0 ≤ ρ, ν, ρ + ν = 1)
+    S̃ = F̂_K F̂_Kᵀ + F̂_Σ F̂_Σᵀ = C Cᵀ          (unit diagonal)
+    C⁻¹ F̂_K F̂_Kᵀ C⁻ᵀ = Q diag(·) Qᵀ,   P̃ = C⁻ᵀ Q   (then Jacobi-refined, :mod:`kronlik._jacobi`)
+    ρ_j = ‖F̂_Kᵀ p̃_j‖²,   ν_j = ‖F̂_Σᵀ p̃_j‖²,   P = D⁻¹ P̃
 
-so Pᵀ S P = I, Pᵀ K P = diag(κ) with κ = ρ/α and Pᵀ Σ P = diag(ν). Whitening by Σ alone
-(eigh of Σ^{-1/2} K Σ^{-1/2}) spreads the eigenvalues over the ratio of the noise variances and
-keeps the small ones only to eps times the largest; here every matrix that is eigendecomposed or
-factorised has norm ≤ 1 and is as well conditioned as U allows (κ(S) ≤ κ(U): xᵀSx is a value of
-the quadratic form of U). The eigenvalues of C⁻¹K̂C⁻ᵀ are only used for the basis: ρ and ν are
-recomputed as Rayleigh quotients, whose error is quadratic in that of the eigenvector, so a
-noise variance 1e-30 of the others still comes out with its leading digits (1 - ρ would lose all).
+so Pᵀ S P = I, Pᵀ K P = diag(κ) with κ = ρ/α, Pᵀ Σ P = diag(ν), and ρ + ν = 1. Whitening by Σ
+alone (eigh of Σ^{-1/2} K Σ^{-1/2}) spreads the eigenvalues over the ratio of the noise
+variances and keeps the small ones only to eps times the largest. Here every matrix that is
+factorised has norm ≤ 1 and is as well conditioned as U allows (κ(S) ≤ κ(U): xᵀSx is a value
+of U's quadratic form), ρ and ν are squared norms (no cancellation, never negative), and the
+Jacobi refinement makes the tiny ones accurate relative to themselves. D is formed in logs, so
+log-variances of ±800 (e^800 overflows) and M and K near the overflow threshold are usable.
 
-log det S = log det S̃ + Σ log diag(S), and log det U = T log det S + Σ_tj log E_tj.
+log det S = log det S̃ + Σ_d log S_dd, and log det U = T log det S + Σ_tj log E_tj.
+
+PSD checks: K and Σ must be positive semi-definite up to ``psd_tolerance(D)`` relative to their
+own largest eigenvalue (read off the ``eigh`` that gives their factor); round-off negatives are
+dropped from the factor, a backward perturbation of that size.
 """
 
 from __future__ import annotations
@@ -27,13 +32,31 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
-from .forms import psd_tolerance
+from ._jacobi import refine
+from .forms import psd_tolerance, resolution
 
 Array = jax.Array
 
 
 def _sym(a: Array) -> Array:
     return 0.5 * (a + a.T)
+
+
+class PSDFactor(NamedTuple):
+    """A = F Fᵀ for a symmetric A, from its ``eigh``, round-off negatives dropped."""
+
+    factor: Array  # (D, D) V diag(sqrt(max(w, 0)))
+    ok: Array  # () finite and PSD to psd_tolerance
+    min_rel: Array  # () smallest eigenvalue / largest |eigenvalue| (for messages)
+    norm: Array  # () largest |eigenvalue|
+
+
+def psd_factor(a: Array) -> PSDFactor:
+    w, v = jnp.linalg.eigh(_sym(a))
+    scale = jnp.max(jnp.abs(w))
+    min_rel = w[0] / jnp.where(scale > 0, scale, 1.0)
+    ok = (min_rel >= -psd_tolerance(a.shape[0], a.dtype)) & jnp.isfinite(scale)
+    return PSDFactor(v * jnp.sqrt(jnp.maximum(w, 0.0))[None, :], ok, min_rel, scale)
 
 
 class Pencil(NamedTuple):
@@ -44,54 +67,41 @@ class Pencil(NamedTuple):
     rho: Array  # (D,) α κ, in [0, 1]
     kappa: Array  # (D,) ρ / α
     nu: Array  # (D,) in [0, 1]
-    noise_weight: Array  # (D,) diag(Σ̂) = Σ_dd / S_dd: ∂L/∂s = weight ⊙ diag(P̃ Ŝ P̃ᵀ)
+    noise_weight: Array  # (D,) Σ_dd / S_dd for diagonal noise: ∂L/∂s = weight ⊙ diag(P̃ Ŝ P̃ᵀ)
     logdet_s: Array  # () log det(αK + Σ)
     ok_k: Array  # () K PSD to round-off
     ok_noise: Array  # () Σ PSD to round-off
     ok_s: Array  # () αK + Σ positive definite and finite
-    k_margin: Array  # () min_j ρ_j / (‖K̂‖ ‖p̃_j‖²): a negative K direction, relative to K's scale
-    noise_margin: Array  # () the same for Σ
+    rho_resolved: Array  # (D,) ρ_j told apart from 0 (resolution · ‖K̂‖ ‖p̃_j‖²)
+    nu_resolved: Array  # (D,) ν_j told apart from 0
+    k_min_rel: Array  # () K's smallest eigenvalue / its largest magnitude (for messages)
+    noise_min_rel: Array  # () the same for Σ
 
 
-def _pencil(
-    k_hat: Array, sigma_hat: Array, log_diag_s: Array, noise_weight: Array, alpha: Array, exact_nu: bool
-) -> Pencil:
-    """The pencil from the Jacobi-scaled K̂ = αD⁻¹KD⁻¹ and Σ̂ = D⁻¹ΣD⁻¹ (log_diag_s = log diag S)."""
-    D = k_hat.shape[0]
-    chol = jnp.linalg.cholesky(k_hat + sigma_hat)  # NaN unless S is positive definite
-    half = solve_triangular(chol, k_hat, lower=True)
-    _, q = jnp.linalg.eigh(solve_triangular(chol, half.T, lower=True))
+def _pencil(k: PSDFactor, log_s_noise: Array, scaled_noise_factor, alpha: Array, exact_nu: bool) -> tuple:
+    """The pencil from K's factor, log diag Σ, and D ↦ D⁻¹ F_Σ (the noise's scaled factor)."""
+    D = log_s_noise.shape[0]
+    log_alpha = jnp.log(alpha)
+    # log S_dd = log(α K_dd + Σ_dd), in logs so that neither term needs to be representable.
+    log_k_diag = jnp.log(jnp.sum(k.factor * k.factor, axis=1))
+    log_diag_s = jnp.logaddexp(log_alpha + log_k_diag, log_s_noise)
+    fk = k.factor * jnp.exp(0.5 * (log_alpha - log_diag_s))[:, None]
+    fs = scaled_noise_factor(log_diag_s)
+    chol = jnp.linalg.cholesky(fk @ fk.T + fs @ fs.T)  # NaN unless S is positive definite
+    ck = solve_triangular(chol, fk, lower=True)  # C⁻¹ F̂_K
+    _, q = jnp.linalg.eigh(ck @ ck.T)
     p_scaled = solve_triangular(chol, q, lower=True, trans="T")
-    rho_raw = jnp.sum(p_scaled * (k_hat @ p_scaled), axis=0)
-    nu_raw = jnp.sum(p_scaled * (sigma_hat @ p_scaled), axis=0)
-    # A Rayleigh quotient is round-off when a perturbation of K̂ (Σ̂) within psd_tolerance of
-    # its norm explains it (|Δρ_j| ≤ ‖ΔK̂‖ ‖p̃_j‖²): negative, it is an error only beyond that;
-    # either sign, it is zero to the accuracy K (Σ) is known to, as for M's eigenvalues.
+    p_scaled, bk, bs = refine(p_scaled, fk.T @ p_scaled, fs.T @ p_scaled)
+    rho, nu = jnp.sum(bk * bk, axis=0), jnp.sum(bs * bs, axis=0)
     norms = jnp.sum(p_scaled * p_scaled, axis=0)
-    k_rel = rho_raw / (jnp.linalg.norm(k_hat) * norms)
-    noise_rel = nu_raw / (jnp.linalg.norm(sigma_hat) * norms)
-    k_margin, noise_margin = jnp.min(k_rel), jnp.min(noise_rel)
-    tol = psd_tolerance(D, k_hat.dtype)
+    res = resolution(D, fk.dtype)
+    rho_resolved = rho > res * jnp.sum(fk * fk) * norms  # ‖F̂_K‖_F² ≥ ‖K̂‖
+    nu_resolved = nu > 0 if exact_nu else nu > res * jnp.sum(fs * fs) * norms
     ok_s = jnp.all(jnp.isfinite(chol)) & jnp.all(jnp.isfinite(log_diag_s))
     logdet_s = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol))) + jnp.sum(log_diag_s)
     p = p_scaled * jnp.exp(-0.5 * log_diag_s)[:, None]
-    rho = jnp.where(k_rel > tol, rho_raw, 0.0)
-    # ν of diagonal noise is a sum of non-negative terms, exact to rounding however small: kept.
-    nu = jnp.maximum(nu_raw, 0.0) if exact_nu else jnp.where(noise_rel > tol, nu_raw, 0.0)
-    return Pencil(
-        p,
-        p_scaled,
-        rho,
-        rho / alpha,
-        nu,
-        noise_weight,
-        logdet_s,
-        ~(k_margin < -tol),  # NaN margins (S not PD) are reported by ok_s
-        ~(noise_margin < -tol),
-        ok_s,
-        k_margin,
-        noise_margin,
-    )
+    weight = jnp.exp(log_s_noise - log_diag_s)
+    return p, p_scaled, rho, rho / alpha, nu, weight, logdet_s, k.ok, ok_s, rho_resolved, nu_resolved
 
 
 class FullNoise(NamedTuple):
@@ -106,12 +116,14 @@ class FullNoise(NamedTuple):
         return (D, D)
 
     def pencil(self, K: Array, alpha: Array) -> Pencil:
-        k, sigma = _sym(K), _sym(self.sigma)
-        diag_s = alpha * jnp.diagonal(k) + jnp.diagonal(sigma)
-        inv_d = jnp.where(diag_s > 0, 1.0 / jnp.sqrt(jnp.abs(diag_s)), jnp.nan)
-        scale = inv_d[:, None] * inv_d[None, :]
-        sigma_hat = sigma * scale
-        return _pencil(alpha * k * scale, sigma_hat, jnp.log(diag_s), jnp.diagonal(sigma_hat), alpha, False)
+        k, s = psd_factor(K), psd_factor(self.sigma)
+        log_s_noise = jnp.log(jnp.sum(s.factor * s.factor, axis=1))
+
+        def scaled(log_diag_s):
+            return s.factor * jnp.exp(-0.5 * log_diag_s)[:, None]
+
+        p, ps, rho, kappa, nu, w, logdet_s, ok_k, ok_s, rr, nr = _pencil(k, log_s_noise, scaled, alpha, False)
+        return Pencil(p, ps, rho, kappa, nu, w, logdet_s, ok_k, s.ok, ok_s, rr, nr, k.min_rel, s.min_rel)
 
     def diagonal(self) -> Array:
         return jnp.diagonal(self.sigma)
@@ -133,13 +145,14 @@ class LogVarNoise(NamedTuple):
         return (D,)
 
     def pencil(self, K: Array, alpha: Array) -> Pencil:
-        k = _sym(K)
-        # log S_dd = log(α K_dd + e^{s_d}) without forming e^{s_d} (it may overflow); a
-        # negative K_dd only changes the scaling, the K check below catches it.
-        log_diag_s = jnp.logaddexp(jnp.log(jnp.maximum(alpha * jnp.diagonal(k), 0.0)), self.log_var)
-        inv_d = jnp.exp(-0.5 * log_diag_s)
-        weight = jnp.exp(self.log_var - log_diag_s)  # Σ_dd / S_dd ≤ 1
-        return _pencil(alpha * k * inv_d[:, None] * inv_d[None, :], jnp.diag(weight), log_diag_s, weight, alpha, True)
+        k = psd_factor(K)
+        # F_Σ = diag(e^{s/2}) is never formed: only its scaled form, diag(e^{(s - log S_dd)/2}).
+        def scaled(log_diag_s):
+            return jnp.diag(jnp.exp(0.5 * (self.log_var - log_diag_s)))
+
+        p, ps, rho, kappa, nu, w, logdet_s, ok_k, ok_s, rr, nr = _pencil(k, self.log_var, scaled, alpha, True)
+        one = jnp.ones((), self.log_var.dtype)
+        return Pencil(p, ps, rho, kappa, nu, w, logdet_s, ok_k, jnp.array(True), ok_s, rr, nr, k.min_rel, one)
 
     def diagonal(self) -> Array:
         return jnp.exp(self.log_var)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import prepare
+from ._checks import check_eigh_dtype, prepare
 from ._core import factor, forward
 from ._noise import FullNoise, LogVarNoise
 from .forms import Dense, EighFactor, psd_tolerance
@@ -31,9 +32,9 @@ class Validation:
     an eigenvalue of M (what any eigendecomposition of M commits) is magnified in the E_tj that
     the value and gradients divide by; ``error_bound`` = amplification · eps of the dtype is the
     relative error of the worst term of L (a bound: the measured error of L is usually 10–1000×
-    smaller, since errors in many terms average). Large values come from a smooth M (tiny
-    eigenvalues) with K large against the noise; float64, or a float64 eigendecomposition of a
-    float32 M (``kronlik.factorize(M, precision="float64")``) brings it down.
+    smaller, since errors in many terms average), with eps that of the dtype M is eigendecomposed
+    in. Large values come from a smooth M (tiny eigenvalues) with K large against the noise;
+    float64, or ``eigh_dtype="float64"`` with float32 inputs (mixed precision), brings it down.
     """
 
     dtype: str
@@ -56,9 +57,9 @@ def _concrete(name: str, a: Array) -> np.ndarray:
     return np.asarray(a)
 
 
-@jax.jit
-def _factor_and_forward(Y, form, K, noise):
-    f = factor(form, K, noise)
+@partial(jax.jit, static_argnums=4)
+def _factor_and_forward(Y, form, K, noise, eigh_dtype):
+    f = factor(form, K, noise, eigh_dtype)
     s = forward(Y, f)
     lam_max = jnp.max(f.basis.lam)
     top = (lam_max / f.alpha) * f.pencil.rho[None, :] + f.pencil.nu[None, :]
@@ -72,7 +73,14 @@ def _smallest_eig(a: np.ndarray) -> tuple[float, float]:
 
 
 def validate(
-    Y: Array, M, K: Array, Sigma: Array | None = None, *, log_var: Array | None = None, warn: bool = True
+    Y: Array,
+    M,
+    K: Array,
+    Sigma: Array | None = None,
+    *,
+    log_var: Array | None = None,
+    eigh_dtype: str | None = None,
+    warn: bool = True,
 ) -> Validation:
     """Raise ``ValueError`` naming the input that makes the likelihood undefined, and by how much.
 
@@ -92,7 +100,8 @@ def validate(
       singular in a direction where M has a zero eigenvalue);
     * the value does not overflow.
 
-    Non-symmetric M, K or Σ pass with a warning (kronlik uses their symmetric parts).
+    Non-symmetric M, K or Σ pass with a warning (kronlik uses their symmetric parts). Pass the
+    ``eigh_dtype`` you give the likelihood: it changes the accuracy estimate, not the flags.
 
     Returns:
       A :class:`Validation` with the estimated accuracy in this dtype; with ``warn`` (default)
@@ -113,20 +122,24 @@ def validate(
             first = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ValueError(f"{n} has {int(bad.sum())} non-finite entries (NaN or inf), the first at index {first}")
 
-    f, s, amplification = _factor_and_forward(Y, form, K, noise)
+    eigh_dtype = check_eigh_dtype(eigh_dtype)
+    f, s, amplification = _factor_and_forward(Y, form, K, noise, eigh_dtype)
     flags = jax.tree_util.tree_map(bool, f.flags)
     dtype = Y.dtype
     T, D = Y.shape
+
+    if isinstance(form, EighFactor):
+        # The likelihood probes VᵀV = I with one fixed vector (O(T²)); here the whole of it (O(T³)),
+        # so vectors made orthonormal on that probe alone are refused too.
+        V = named["M.vectors"].astype(np.float64)
+        off = float(np.max(np.abs(V.T @ V - np.eye(T))))
+        if off > 10 * psd_tolerance(T, dtype):
+            raise ValueError(f"M.vectors is not orthonormal: max |VᵀV - I| = {off:.3g}")
 
     if not flags.m_psd:
         lam = np.asarray(f.basis.lam)
         low, scale = float(f.basis.lam_min), float(np.max(np.abs(lam))) if lam.size else 0.0
         allowed = psd_tolerance(T, dtype) * max(scale, abs(low))
-        if isinstance(form, EighFactor) and low >= -allowed:
-            raise ValueError(
-                "M.vectors is not orthonormal: max |VᵀV - I| = "
-                f"{float(np.max(np.abs(named['M.vectors'].T @ named['M.vectors'] - np.eye(T)))):.3g}"
-            )
         if isinstance(form, Dense):
             name, what = "M", "is not positive semi-definite: smallest eigenvalue"
         else:
@@ -143,25 +156,22 @@ def validate(
         with np.errstate(over="ignore"):
             s_low, s_scale = (float(np.exp(f(named["log_var"]))) for f in (np.min, np.max))
     noise_word = "Sigma" if model is FullNoise else "diag(exp(log_var))"
+    allowed = psd_tolerance(D, dtype)
+    for flag, name, low, scale, rel in (
+        (flags.k_psd, "K", k_low, k_scale, f.pencil.k_min_rel),
+        (flags.noise_psd, noise_word, s_low, s_scale, f.pencil.noise_min_rel),
+    ):
+        if not flag:
+            raise ValueError(
+                f"{name} is not positive semi-definite: smallest eigenvalue {low:.6g} (largest magnitude "
+                f"{scale:.6g}; relative {float(rel):.3g}, beyond the round-off allowance -{allowed:.3g} "
+                "= -10·sqrt(D)·eps)"
+            )
     if not flags.s_pd:
         raise ValueError(
             f"αK + Σ is not positive definite (α = {float(f.alpha):.6g}, the mean eigenvalue of M), so neither is "
             f"U: K has smallest eigenvalue {k_low:.6g} (largest magnitude {k_scale:.6g}), {noise_word} "
             f"{s_low:.6g} (largest magnitude {s_scale:.6g})"
-        )
-    allowed = psd_tolerance(D, dtype)
-    if not flags.k_psd:
-        raise ValueError(
-            f"K is not positive semi-definite: smallest eigenvalue {k_low:.6g} (largest magnitude {k_scale:.6g}); "
-            f"in the basis that diagonalises K and Σ together, a direction of K is negative by "
-            f"{-float(f.pencil.k_margin):.3g} of K's scale there, beyond the round-off allowance {allowed:.3g} "
-            "= 10·sqrt(D)·eps"
-        )
-    if not flags.noise_psd:
-        raise ValueError(
-            f"{noise_word} is not positive semi-definite: smallest eigenvalue {s_low:.6g} (largest magnitude "
-            f"{s_scale:.6g}); in the basis that diagonalises K and Σ together, a direction of Σ is negative by "
-            f"{-float(f.pencil.noise_margin):.3g} of Σ's scale there, beyond the round-off allowance {allowed:.3g}"
         )
     if not flags.u_pd:
         e_min = float(jnp.min(f.e))
@@ -183,11 +193,11 @@ def validate(
                     stacklevel=2,
                 )
     amp = float(amplification)
-    report = Validation(dtype.name, amp, amp * float(jnp.finfo(dtype).eps))
+    report = Validation(dtype.name, amp, amp * float(jnp.finfo(eigh_dtype or dtype).eps))
     if warn and report.error_bound > 1e-3:
         warnings.warn(
             f"kronlik in {dtype.name} on these inputs: {report}. Use float64, or "
-            "kronlik.factorize(M, precision='float64') for the eigendecomposition of M.",
+            "eigh_dtype='float64' (kronlik's mixed precision: M's eigendecomposition in float64).",
             stacklevel=2,
         )
     return report

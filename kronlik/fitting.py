@@ -135,6 +135,7 @@ def fit_log_var(
     rtol: float | None = None,
     progress: bool = False,
     chunk_size: int = 25,
+    eigh_dtype: str | None = None,
 ) -> FitResult:
     """Maximise L over the log noise variances s, Σ = diag(eˢ), with M and K fixed.
 
@@ -155,6 +156,8 @@ def fit_log_var(
         (only a fit stalled at rounding level triggers it).
       progress: print step, L and gradient norm to stderr between chunks.
       chunk_size: steps per compiled chunk (how often progress is printed).
+      eigh_dtype: the dtype of M's one eigendecomposition (``"float64"`` with float32 inputs:
+        mixed precision, see :func:`kronlik.loglik`).
 
     Returns:
       A :class:`FitResult` whose ``params`` are the fitted log-variances and ``value``
@@ -163,7 +166,7 @@ def fit_log_var(
     Y, form, K, noise = prepare(Y, M, K, log_var0, LogVarNoise)
     log_var0 = noise.log_var
     if isinstance(form, Dense):
-        form = factorize(form.matrix)
+        form = factorize(form.matrix, eigh_dtype=eigh_dtype)
     if isinstance(form, EighFactor):  # rotate once; each step is then O(TD² + D³)
         y_fit, m_fit = form.vectors.T @ Y, Diagonal(form.values)
     else:

@@ -1,13 +1,15 @@
 r"""The forms in which M can be given, and what each contributes to the one structured core.
 
 Every form is a small NamedTuple of arrays (so a pytree: it passes through ``jax.jit``,
-``jax.vmap`` and ``jax.grad``, whose cotangent for it has the same form) with four methods:
+``jax.vmap`` and ``jax.grad``, whose cotangent for it has the same form) with five methods:
 
 * ``arrays()``: its arrays by name (``"M"``, ``"M.vectors"``, ...), for dtype checks and messages;
 * ``check_shape(y_shape)``: raise ``ValueError`` at trace time unless it is (T, T) for Y of shape (T, D);
-* ``eigenbasis()``: the :class:`Basis` M = V diag(λ) Vᵀ with V of orthonormal columns; where V
-  has fewer than T columns, M is zero on the complement of span(V) (there λ = 0);
-* ``cotangent(basis, ct)``: the form's own cotangent given ∂L/∂M as an :class:`MCotangent`.
+* ``eigenbasis(eigh_dtype)``: the :class:`Basis` M = V diag(λ) Vᵀ with V of orthonormal columns;
+  where V has fewer than T columns, M is zero on the complement of span(V) (there λ = 0); a
+  form that decomposes M computes it in ``eigh_dtype`` (None: M's dtype) and rounds the result;
+* ``cotangent(basis, ct)``: the form's own cotangent given ∂L/∂M as an :class:`MCotangent`;
+* ``dense()``: M as a (T, T) array (for references and small problems).
 
 The core (:mod:`kronlik._core`) never looks at the form otherwise. A new form (say M = M₁ ⊗ M₂)
 is one class here plus one entry in ``FORMS`` and in the conformance test's list.
@@ -23,7 +25,17 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-__all__ = ["Dense", "EighFactor", "LowRank", "Diagonal", "Basis", "MCotangent", "as_form", "psd_tolerance"]
+__all__ = [
+    "Dense",
+    "EighFactor",
+    "LowRank",
+    "Diagonal",
+    "Basis",
+    "MCotangent",
+    "as_form",
+    "psd_tolerance",
+    "resolution",
+]
 
 
 def psd_tolerance(n: int, dtype) -> float:
@@ -34,26 +46,34 @@ def psd_tolerance(n: int, dtype) -> float:
     ‖ΔA‖ ≈ c·sqrt(n)·eps·‖A‖ of a PSD matrix, with c ≈ 0.05–0.25 measured on RBF, Matérn and
     GGᵀ matrices for n = 50…4000 in float32 and float64; 10 leaves a margin of 40×. The cap
     sqrt(eps) (3.5e-4 in float32, 1.5e-8 in float64) keeps an eigenvalue of -0.1 % of ‖A‖ from
-    ever counting as round-off, whatever n. An eigenvalue within the tolerance of zero, negative
-    or positive, is set to zero (a backward perturbation of A of that size); a more negative one
-    makes the likelihood NaN and :func:`kronlik.validate` raise.
+    ever counting as round-off, whatever n. A negative eigenvalue within the tolerance is set to
+    zero (a backward perturbation of A of that size); a more negative one makes the likelihood
+    NaN and :func:`kronlik.validate` raise.
     """
     eps = float(jnp.finfo(dtype).eps)
     return min(10.0 * math.sqrt(n) * eps, math.sqrt(eps))
 
 
-def _clip_psd(lam: Array) -> tuple[Array, Array]:
-    """Eigenvalues within round-off of zero set to 0, and 'finite and PSD to round-off'.
+def resolution(n: int, dtype) -> float:
+    """Relative size below which an eigenvalue of an n×n factor cannot be told from zero: psd_tolerance / 10.
 
-    Positive round-off goes too: an eigenvalue below psd_tolerance·max|λ| is zero to the
-    accuracy M is known to, and keeping it would let a numerically singular U pass as a
-    finite (meaningless) likelihood.
+    About four times the largest round-off eigenvalue measured (see :func:`psd_tolerance`).
+    Such eigenvalues are kept as computed (zeroing them would cost accuracy in float32), but a
+    direction of U whose every term is unresolved (noise zero there too) makes U numerically
+    singular, and the likelihood NaN.
     """
-    n = lam.shape[0]
+    return psd_tolerance(n, dtype) / 10.0
+
+
+def _clip_psd(lam: Array, dtype=None) -> tuple[Array, Array, Array]:
+    """(eigenvalues with round-off negatives set to 0, 'finite and PSD to round-off', 'resolved from 0').
+
+    ``dtype`` is the precision the matrix is known to (default: that of ``lam``).
+    """
+    n, dtype = lam.shape[0], dtype or lam.dtype
     scale = jnp.max(jnp.abs(lam))
-    tol = psd_tolerance(n, lam.dtype) * scale
-    ok = jnp.all(lam >= -tol) & jnp.isfinite(scale)  # False for NaN too
-    return jnp.where(lam > tol, lam, 0.0), ok
+    ok = jnp.all(lam >= -psd_tolerance(n, dtype) * scale) & jnp.isfinite(scale)  # False for NaN too
+    return jnp.maximum(lam, 0.0), ok, lam > resolution(n, dtype) * scale
 
 
 def _sym(a: Array) -> Array:
@@ -78,8 +98,9 @@ class Basis(NamedTuple):
     """M = V diag(λ) Vᵀ (+ zeros on the complement of span(V) when V has r < T columns)."""
 
     vectors: Array | None  # (T, r) orthonormal columns; None means V = I (M is diagonal)
-    lam: Array  # (r,) eigenvalues, those within round-off of 0 set to 0
+    lam: Array  # (r,) eigenvalues, round-off negatives set to 0
     ok: Array  # () bool: finite and PSD to round-off (psd_tolerance)
+    resolved: Array  # (r,) bool: λ_t > resolution · max λ (told apart from zero)
     lam_min: Array  # () the smallest eigenvalue before clipping, for validate's message
 
     def rotate(self, Y: Array) -> Array:
@@ -137,15 +158,20 @@ class Dense(NamedTuple):
                 f"M must have shape (T, T) = {(T, T)} to match Y of shape {y_shape}; got {self.matrix.shape}"
             )
 
-    def eigenbasis(self) -> Basis:
-        lam, q = jnp.linalg.eigh(self.matrix)  # symmetrises, as cholesky does
-        clipped, ok = _clip_psd(lam)
-        return Basis(q, clipped, ok, lam[0])
+    def eigenbasis(self, eigh_dtype=None) -> Basis:
+        dtype = self.matrix.dtype
+        lam, q = jnp.linalg.eigh(self.matrix.astype(eigh_dtype or dtype))  # symmetrises, as cholesky does
+        # round-off is judged in M's own dtype: its entries are only known to that precision
+        clipped, ok, resolved = _clip_psd(lam, dtype)
+        return Basis(q.astype(dtype), clipped.astype(dtype), ok, resolved, lam[0].astype(dtype))
 
     def cotangent(self, basis: Basis, ct: MCotangent) -> Dense:
         # One T×T×D and one T×T×T product: the second is the price of a dense output of rank T.
         g = (ct.r * ct.kappa[None, :]) @ ct.r.T - (basis.vectors * ct.a[None, :]) @ basis.vectors.T
         return Dense(ct.h * _sym(g))
+
+    def dense(self) -> Array:
+        return self.matrix
 
 
 class EighFactor(NamedTuple):
@@ -171,13 +197,16 @@ class EighFactor(NamedTuple):
                 f"got {self.vectors.shape} and {self.values.shape}"
             )
 
-    def eigenbasis(self) -> Basis:
-        clipped, ok = _clip_psd(self.values)
-        return Basis(self.vectors, clipped, ok & _orthonormal(self.vectors), jnp.min(self.values))
+    def eigenbasis(self, eigh_dtype=None) -> Basis:
+        clipped, ok, resolved = _clip_psd(self.values)
+        return Basis(self.vectors, clipped, ok & _orthonormal(self.vectors), resolved, jnp.min(self.values))
 
     def cotangent(self, basis: Basis, ct: MCotangent) -> EighFactor:
         rotated = ct.rotated()  # Vᵀ G V
         return EighFactor(2.0 * (basis.vectors @ (rotated * basis.lam[None, :])), jnp.diagonal(rotated))
+
+    def dense(self) -> Array:
+        return (self.vectors * self.values[None, :]) @ self.vectors.T
 
 
 class LowRank(NamedTuple):
@@ -201,11 +230,14 @@ class LowRank(NamedTuple):
                 f"got {self.factor.shape}"
             )
 
-    def eigenbasis(self) -> Basis:
-        u, sv, _ = jnp.linalg.svd(self.factor, full_matrices=False)
+    def eigenbasis(self, eigh_dtype=None) -> Basis:
+        dtype = self.factor.dtype
+        u, sv, _ = jnp.linalg.svd(self.factor.astype(eigh_dtype or dtype), full_matrices=False)
+        u, sv = u.astype(dtype), sv.astype(dtype)
         lam = sv * sv
         ok = jnp.all(jnp.isfinite(lam)) & jnp.all(jnp.isfinite(u))
-        return Basis(u, lam, ok, jnp.min(lam))
+        resolved = lam > resolution(max(self.factor.shape), lam.dtype) * jnp.max(lam)
+        return Basis(u, lam, ok, resolved, jnp.min(lam))
 
     def cotangent(self, basis: Basis, ct: MCotangent) -> LowRank:
         # 2 G_M G with G_M = h (R diag(κ) Rᵀ - V diag(a) Vᵀ - c₀ (I - V Vᵀ)); no T×T matrix.
@@ -213,6 +245,9 @@ class LowRank(NamedTuple):
         vtg = V.T @ G
         g = (ct.r * ct.kappa[None, :]) @ (ct.r.T @ G) - V @ ((ct.a - ct.c0)[:, None] * vtg) - ct.c0 * G
         return LowRank(2.0 * ct.h * g)
+
+    def dense(self) -> Array:
+        return self.factor @ self.factor.T
 
 
 class Diagonal(NamedTuple):
@@ -235,12 +270,14 @@ class Diagonal(NamedTuple):
                 f"got {self.values.shape}"
             )
 
-    def eigenbasis(self) -> Basis:
-        clipped, ok = _clip_psd(self.values)
-        return Basis(None, clipped, ok, jnp.min(self.values))
+    def eigenbasis(self, eigh_dtype=None) -> Basis:
+        return Basis(None, *_clip_psd(self.values), jnp.min(self.values))
 
     def cotangent(self, basis: Basis, ct: MCotangent) -> Diagonal:
         return Diagonal(ct.rotated_diagonal())
+
+    def dense(self) -> Array:
+        return jnp.diag(self.values)
 
 
 FORMS = (Dense, EighFactor, LowRank, Diagonal)

@@ -10,10 +10,12 @@ that backward pass, selected and compiled (jit drops what a helper does not retu
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
-from ._checks import as_float_arrays, prepare, same_dtype
+from ._checks import as_float_arrays, check_eigh_dtype, prepare, same_dtype
 from ._core import backward, factor, forward, nan_unless, not_differentiable, solve_in_pencil_basis
 from ._noise import FullNoise, LogVarNoise
 from .forms import Dense, Diagonal, EighFactor, LowRank
@@ -33,18 +35,19 @@ __all__ = [
 ]
 
 
-@jax.custom_vjp
-def _loglik(Y, form, K, noise):
-    return forward(Y, factor(form, K, noise)).value
+# eigh_dtype is a static dtype name or None, never an array.
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _loglik(Y, form, K, noise, eigh_dtype):
+    return forward(Y, factor(form, K, noise, eigh_dtype)).value
 
 
-def _loglik_fwd(Y, form, K, noise):
-    f = factor(form, K, noise)
+def _loglik_fwd(Y, form, K, noise, eigh_dtype):
+    f = factor(form, K, noise, eigh_dtype)
     s = forward(Y, f)
     return s.value, (form, noise, f, s)
 
 
-def _loglik_bwd(res, g):
+def _loglik_bwd(eigh_dtype, res, g):
     form, noise, f, s = res
     ct = backward(f, s, g)
     return ct.y, form.cotangent(f.basis, ct.m), ct.k, noise.cotangent(f.pencil, ct.s_hat)
@@ -53,7 +56,7 @@ def _loglik_bwd(res, g):
 _loglik.defvjp(_loglik_fwd, _loglik_bwd)
 
 
-def loglik(Y: Array, M: MForm, K: Array, Sigma: Array) -> Array:
+def loglik(Y: Array, M: MForm, K: Array, Sigma: Array, *, eigh_dtype: str | None = None) -> Array:
     r"""Log-density of ``vec(Y) ~ N(0, M ⊗ K + I_T ⊗ Σ)``, constant included.
 
     L = -½ log det U - ½ vᵀ U⁻¹ v - (TD/2) log 2π with v = ``Y.reshape(-1)``, in
@@ -70,6 +73,10 @@ def loglik(Y: Array, M: MForm, K: Array, Sigma: Array) -> Array:
         :class:`EighFactor`), :class:`LowRank`, :class:`Diagonal`. The gradient has the same form.
       K: (D, D) PSD covariance across outputs.
       Sigma: (D, D) PSD noise covariance (singular is fine where U stays positive definite).
+      eigh_dtype: the dtype in which M is eigendecomposed (None: the inputs' dtype). With float32
+        inputs, ``"float64"`` (needs ``jax_enable_x64``) is kronlik's mixed-precision mode: the one
+        step whose float32 error is amplified by K/noise in M's small eigenvalues runs in float64,
+        the rest in float32 (see README, "Accuracy").
 
     Returns:
       A scalar of the inputs' dtype; NaN (never a finite number, never -inf) if an input is not
@@ -86,10 +93,10 @@ def loglik(Y: Array, M: MForm, K: Array, Sigma: Array) -> Array:
     >>> bool(jnp.isclose(L, -0.5 * (T * D * jnp.log(2.0) + T * D / 2 + T * D * jnp.log(2 * jnp.pi))))
     True
     """
-    return _loglik(*prepare(Y, M, K, Sigma, FullNoise))
+    return _loglik(*prepare(Y, M, K, Sigma, FullNoise), check_eigh_dtype(eigh_dtype))
 
 
-def loglik_diag(Y: Array, M: MForm, K: Array, log_var: Array) -> Array:
+def loglik_diag(Y: Array, M: MForm, K: Array, log_var: Array, *, eigh_dtype: str | None = None) -> Array:
     """:func:`loglik` with Σ = diag(exp(log_var)).
 
     exp(log_var) is never formed on its own (only Σ_dd / (αK_dd + Σ_dd) and logaddexp), so the
@@ -101,11 +108,12 @@ def loglik_diag(Y: Array, M: MForm, K: Array, log_var: Array) -> Array:
       M: (T, T) PSD covariance across rows, or a form of it (see :func:`loglik`).
       K: (D, D) PSD covariance across outputs.
       log_var: (D,) log noise variances s, Σ = diag(eˢ).
+      eigh_dtype: as in :func:`loglik`.
 
     Returns:
       The scalar log-density; its gradient in ``log_var`` is :func:`grad_log_var`.
     """
-    return _loglik(*prepare(Y, M, K, log_var, LogVarNoise))
+    return _loglik(*prepare(Y, M, K, log_var, LogVarNoise), check_eigh_dtype(eigh_dtype))
 
 
 def loglik_diag_rotated(Y_rot: Array, lam: Array, K: Array, log_var: Array) -> Array:
@@ -124,16 +132,16 @@ def loglik_diag_rotated(Y_rot: Array, lam: Array, K: Array, log_var: Array) -> A
       K: (D, D) PSD covariance across outputs.
       log_var: (D,) log noise variances.
     """
-    return _loglik(*prepare(Y_rot, Diagonal(lam), K, log_var, LogVarNoise, y_name="Y_rot"))
+    return _loglik(*prepare(Y_rot, Diagonal(lam), K, log_var, LogVarNoise, y_name="Y_rot"), None)
 
 
-@jax.jit
-def _gradients(Y, form, K, noise):
+@partial(jax.jit, static_argnums=4)
+def _gradients(Y, form, K, noise, eigh_dtype):
     # The hand-derived backward pass; under jit only what a caller returns is computed.
-    return jax.grad(_loglik, argnums=(0, 1, 2, 3))(Y, form, K, noise)
+    return jax.grad(_loglik, argnums=(0, 1, 2, 3))(Y, form, K, noise, eigh_dtype)
 
 
-def grad_sigma(Y: Array, M: MForm, K: Array, Sigma: Array) -> Array:
+def grad_sigma(Y: Array, M: MForm, K: Array, Sigma: Array, *, eigh_dtype: str | None = None) -> Array:
     """∂L/∂Σ = ½ (C - B), the (D, D) gradient of :func:`loglik` in Σ.
 
     B = Σ_k bldiag(U⁻¹, k) is the sum of the T diagonal D×D blocks of U⁻¹ and C = Wᵀ W with
@@ -141,10 +149,10 @@ def grad_sigma(Y: Array, M: MForm, K: Array, Sigma: Array) -> Array:
     ½ (C - B) = P ½ (Rᵀ R - diag(Σ_t 1/E_t·)) Pᵀ with R = W P, never U⁻¹. Equal to
     ``jax.grad(loglik, argnums=3)``; NaN where :func:`loglik` is NaN.
     """
-    return _gradients(*prepare(Y, M, K, Sigma, FullNoise))[3].sigma
+    return _gradients(*prepare(Y, M, K, Sigma, FullNoise), check_eigh_dtype(eigh_dtype))[3].sigma
 
 
-def grad_log_var(Y: Array, M: MForm, K: Array, log_var: Array) -> Array:
+def grad_log_var(Y: Array, M: MForm, K: Array, log_var: Array, *, eigh_dtype: str | None = None) -> Array:
     """∂L/∂s = eˢ ⊙ diag(∂L/∂Σ) for Σ = diag(eˢ), shape (D,).
 
     The Hadamard product with the diagonal only: eˢ ⊙ diag(P Ŝ Pᵀ) = w ⊙ diag(P̃ Ŝ P̃ᵀ) with
@@ -152,26 +160,27 @@ def grad_log_var(Y: Array, M: MForm, K: Array, log_var: Array) -> Array:
     no eˢ is formed, and the result is finite for every finite ``log_var``. Equal to
     ``jax.grad(loglik_diag, argnums=3)``.
     """
-    return _gradients(*prepare(Y, M, K, log_var, LogVarNoise))[3].log_var
+    return _gradients(*prepare(Y, M, K, log_var, LogVarNoise), check_eigh_dtype(eigh_dtype))[3].log_var
 
 
-def solve(Y: Array, M: MForm, K: Array, Sigma: Array) -> Array:
+def solve(Y: Array, M: MForm, K: Array, Sigma: Array, *, eigh_dtype: str | None = None) -> Array:
     """W = unvec(U⁻¹ vec(Y)), shape (T, D): the solve behind every gradient (∂L/∂Y = -W).
 
     Linear in Y (and differentiable in Y); its derivative in M, K or Σ is not available yet.
     """
-    return -_gradients(*prepare(Y, M, K, Sigma, FullNoise))[0]
+    return -_gradients(*prepare(Y, M, K, Sigma, FullNoise), check_eigh_dtype(eigh_dtype))[0]
 
 
-factorize_eigh = not_differentiable(lambda m: Dense(m).eigenbasis())
+_eigenbasis = not_differentiable(lambda m, eigh_dtype: Dense(m).eigenbasis(eigh_dtype), nondiff_argnums=(1,))
 
 
-def factorize(M: Array) -> EighFactor:
+def factorize(M: Array, *, eigh_dtype: str | None = None) -> EighFactor:
     """Eigendecompose a fixed (T, T) PSD M once, for reuse by every kronlik function.
 
     Every function that takes M accepts the returned :class:`EighFactor` instead and then skips
     the O(T³) ``eigh``; its values are NaN when M is not PSD to round-off, so the likelihood is
-    NaN as it would be for M itself.
+    NaN as it would be for M itself. ``eigh_dtype="float64"`` computes it in float64 and rounds
+    it to M's dtype: the mixed-precision mode for a float32 M (see :func:`loglik`).
 
     >>> import jax.numpy as jnp, kronlik
     >>> Y, M, K, s = jnp.ones((4, 2)), 2.0 * jnp.eye(4), jnp.eye(2), jnp.zeros(2)
@@ -182,7 +191,7 @@ def factorize(M: Array) -> EighFactor:
     (M,) = as_float_arrays(("M",), (M,))
     if M.ndim != 2 or M.shape[0] != M.shape[1]:
         raise ValueError(f"M must be a square 2-D array; got shape {M.shape}")
-    basis = factorize_eigh(M)
+    basis = _eigenbasis(M, check_eigh_dtype(eigh_dtype))
     return EighFactor(basis.vectors, nan_unless(basis.ok, basis.lam))
 
 
@@ -195,6 +204,7 @@ def predict(
     m_new_diag: Array,
     *,
     include_noise: bool = False,
+    eigh_dtype: str | None = None,
 ) -> tuple[Array, Array]:
     r"""Posterior predictive of the multi-output GP at N new rows: mean and marginal variances.
 
@@ -221,7 +231,7 @@ def predict(
             f"M_cross must be (N, T) with T = {Y.shape[0]} and m_new_diag (N,); "
             f"got {M_cross.shape} and {m_new_diag.shape}"
         )
-    f = factor(form, K, noise)
+    f = factor(form, K, noise, check_eigh_dtype(eigh_dtype))
     s = forward(Y, f)
     p = f.pencil.p
     k_sym = 0.5 * (K + K.T)

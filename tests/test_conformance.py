@@ -1,0 +1,150 @@
+"""Every form of M × every noise model × every entry point, against the dense reference.
+
+The dense witness differentiates ``reference.loglik(Y, form.dense(), K, Σ)`` with jax.grad with
+respect to the form's own arrays, so the form's cotangent (EighFactor, LowRank, Diagonal) is
+checked as the form returns it. A new form of M is one builder in ``FORMS``.
+
+Tolerances: float64 against float64 differ by rounding, κ(U)·eps ≈ 1e-13 on these problems
+(eigenvalues of U in [0.1, 50]), so 1e-10 has three digits of margin. float32 against the float64
+reference: κ·eps32 ≈ 1e-5 at worst here, so 2e-4.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import max_rel, spd
+
+import kronlik
+from kronlik import reference
+
+T, D, N = 6, 3, 4
+
+
+def _dense_m(rng):
+    return spd(rng, T, 0.1)
+
+
+FORMS = {
+    "dense": lambda rng: jnp.asarray(_dense_m(rng)),
+    "eigh": lambda rng: kronlik.factorize(jnp.asarray(_dense_m(rng))),
+    "lowrank r<T": lambda rng: kronlik.LowRank(jnp.asarray(rng.standard_normal((T, 2)))),
+    "lowrank r>T": lambda rng: kronlik.LowRank(jnp.asarray(rng.standard_normal((T, T + 2)) / 2)),
+    "diagonal": lambda rng: kronlik.Diagonal(jnp.asarray(rng.uniform(0.1, 2.0, T))),
+}
+NOISE = {
+    "Sigma": lambda rng: jnp.asarray(spd(rng, D, 0.3)),
+    "log_var": lambda rng: jnp.asarray(rng.uniform(-1.0, 1.0, D)),
+}
+TOL = {"float64": 1e-10, "float32": 2e-4}
+
+
+def _dense_of(M):
+    return M.dense() if isinstance(M, tuple) else M
+
+
+def _sigma(noise_name, noise):
+    return noise if noise_name == "Sigma" else jnp.diag(jnp.exp(noise))
+
+
+def _problem(form_name, noise_name, seed=0):
+    rng = np.random.default_rng(seed)
+    Y = jnp.asarray(rng.standard_normal((T, D)))
+    return Y, FORMS[form_name](rng), jnp.asarray(spd(rng, D, 0.1)), NOISE[noise_name](rng)
+
+
+def _reference_loglik(noise_name):
+    def f(Y, M, K, noise):
+        return reference.loglik(Y, _dense_of(M), K, _sigma(noise_name, noise))
+
+    return f
+
+
+def _cast(tree, dtype):
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)
+
+
+def _assert_close(got, want, tol, what):
+    got_leaves, want_leaves = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want), what
+    for g, w in zip(got_leaves, want_leaves):
+        assert g.shape == w.shape, what
+        err = max_rel(g, w)
+        assert err < tol, f"{what}: relative error {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("noise_name", list(NOISE))
+@pytest.mark.parametrize("form_name", list(FORMS))
+def test_value_and_every_gradient(form_name, noise_name, dtype):
+    args = _problem(form_name, noise_name)
+    fn = kronlik.loglik if noise_name == "Sigma" else kronlik.loglik_diag
+    value, grads = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2, 3)))(*_cast(args, dtype))
+    ref_value, ref_grads = jax.value_and_grad(_reference_loglik(noise_name), argnums=(0, 1, 2, 3))(*args)
+    assert value.dtype == dtype and all(g.dtype == dtype for g in jax.tree_util.tree_leaves(grads))
+    assert abs(float(value) - float(ref_value)) < TOL[dtype] * abs(float(ref_value))
+    for name, g, r in zip(("Y", "M", "K", noise_name), grads, ref_grads):
+        _assert_close(g, r, TOL[dtype], f"{form_name}/{noise_name}/{dtype} ∂L/∂{name}")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("noise_name", list(NOISE))
+@pytest.mark.parametrize("form_name", list(FORMS))
+def test_gradient_helpers(form_name, noise_name, dtype):
+    args = _problem(form_name, noise_name, seed=1)
+    low = _cast(args, dtype)
+    ref_noise_grad = jax.grad(_reference_loglik(noise_name), argnums=3)(*args)
+    if noise_name == "Sigma":
+        _assert_close(kronlik.grad_sigma(*low), ref_noise_grad, TOL[dtype], "grad_sigma")
+        # the literal block-diagonal sums of the original answer
+        Y, M, K, Sigma = args
+        _assert_close(kronlik.grad_sigma(*low), reference.grad_sigma(Y, _dense_of(M), K, Sigma), TOL[dtype], "blocks")
+    else:
+        _assert_close(kronlik.grad_log_var(*low), ref_noise_grad, TOL[dtype], "grad_log_var")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("noise_name", list(NOISE))
+@pytest.mark.parametrize("form_name", list(FORMS))
+def test_solve_and_predict(form_name, noise_name, dtype):
+    Y, M, K, noise = _problem(form_name, noise_name, seed=2)
+    Sigma = _sigma(noise_name, noise)  # solve and predict take Σ as a matrix
+    rng = np.random.default_rng(3)
+    M_cross = jnp.asarray(rng.standard_normal((N, T)))
+    m_new = jnp.asarray(rng.uniform(5.0, 6.0, N))
+    U = reference.dense_covariance(_dense_of(M), K, Sigma)
+    w = jnp.linalg.solve(U, Y.reshape(-1))
+    cross = jnp.kron(M_cross, 0.5 * (K + K.T))  # Cov(vec F_new, vec Y)
+    mean = (cross @ w).reshape(N, D)
+    var = (jnp.kron(m_new, jnp.diagonal(K)) - jnp.sum(cross * jnp.linalg.solve(U, cross.T).T, axis=1)).reshape(N, D)
+    low = _cast((Y, M, K, Sigma, M_cross, m_new), dtype)
+    _assert_close(kronlik.solve(*low[:4]), w.reshape(T, D), TOL[dtype], "solve")
+    got_mean, got_var = kronlik.predict(*low)
+    _assert_close(got_mean, mean, TOL[dtype], "predict mean")
+    _assert_close(got_var, var, TOL[dtype], "predict var")
+    _, var_y = kronlik.predict(*low, include_noise=True)
+    _assert_close(var_y, var + jnp.diagonal(Sigma)[None, :], TOL[dtype], "predict var + noise")
+
+
+@pytest.mark.parametrize("form_name", list(FORMS))
+def test_validity_agrees_between_validate_and_likelihood(form_name):
+    # The same flags: good input passes validate with a finite likelihood; an indefinite K
+    # fails both, for every form.
+    Y, M, K, noise = _problem(form_name, "log_var", seed=4)
+    kronlik.validate(Y, M, K, log_var=noise)
+    assert np.isfinite(kronlik.loglik_diag(Y, M, K, noise))
+    bad_k = K - (float(jnp.min(jnp.linalg.eigvalsh(K))) + 0.05) * jnp.eye(D)
+    assert np.isnan(kronlik.loglik_diag(Y, M, bad_k, noise))
+    with pytest.raises(ValueError, match="K is not positive semi-definite|αK \\+ Σ is not positive definite"):
+        kronlik.validate(Y, M, bad_k, log_var=noise)
+
+
+@pytest.mark.parametrize("form_name", list(FORMS))
+def test_vmap_over_a_batch_of_everything(form_name):
+    problems = [_problem(form_name, "Sigma", seed=s) for s in range(3)]
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *problems)
+    values, grads = jax.jit(jax.vmap(jax.value_and_grad(kronlik.loglik, argnums=(0, 1, 2, 3))))(*stacked)
+    for b, p in enumerate(problems):
+        ref_value, ref_grads = jax.value_and_grad(_reference_loglik("Sigma"), argnums=(0, 1, 2, 3))(*p)
+        assert abs(float(values[b]) - float(ref_value)) < 1e-10 * abs(float(ref_value))
+        _assert_close(jax.tree_util.tree_map(lambda g, b=b: g[b], grads), ref_grads, 1e-10, "vmap")
