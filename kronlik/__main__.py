@@ -70,8 +70,9 @@ def _load(args: argparse.Namespace):
 def _fit(args: argparse.Namespace) -> int:
     import jax
 
-    if args.float64:
-        jax.config.update("jax_enable_x64", True)  # this process's choice, as in `check`
+    # This process's choice, as in `check`: x64 on, so that float64 is available for the
+    # --float64 fit and for the float32 fit's eigendecompositions (mixed precision).
+    jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
     import numpy as np
     import optax
@@ -97,6 +98,7 @@ def _fit(args: argparse.Namespace) -> int:
         return 2
 
     dtype = jnp.float64 if args.float64 else jnp.float32
+    eigh_dtype = "float64"  # float32 data, float64 eigendecompositions: see kronlik.loglik
     Ys = jnp.asarray((Y - mean) / scale, dtype)
     optimizer = optax.lbfgs() if args.optimizer == "lbfgs" else optax.adam(args.lr)
     source = args.data or "built-in US macro data (statsmodels macrodata, public domain)"
@@ -104,22 +106,24 @@ def _fit(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if M_given is not None:
         M, K = jnp.asarray(M_given, dtype), jnp.asarray(K_given, dtype)
-        r = fit_log_var(Ys, M, K, jnp.zeros(D, dtype), optimizer, num_steps=args.steps, progress=True)
+        r = fit_log_var(
+            Ys, M, K, jnp.zeros(D, dtype), optimizer, num_steps=args.steps, progress=True, eigh_dtype=eigh_dtype
+        )
         log_var, L, lengthscale = r.params, float(r.value), None
     else:
         tt = np.arange(T, dtype=float) if t is None else np.asarray(t, float)
         span = float(tt.max() - tt.min()) or 1.0
         x = jnp.asarray((tt - tt.min()) / span, dtype)
 
-        def kernel(log_ell):
+        def kernel(log_ell):  # RBF plus a nugget of 1e-6: M stays positive definite
             d = x[:, None] - x[None, :]
-            return jnp.exp(-0.5 * d * d * jnp.exp(-2.0 * log_ell))
+            return jnp.exp(-0.5 * d * d * jnp.exp(-2.0 * log_ell)) + 1e-6 * jnp.eye(T, dtype=dtype)
 
         def k_of(p):
             return p["L"] @ p["L"].T + jnp.diag(jnp.exp(p["log_kappa"]))
 
         def loss(p):  # per observation, so the tolerance does not depend on T·D
-            return -loglik_diag(Ys, kernel(p["log_ell"]), k_of(p), p["log_var"]) / (T * D)
+            return -loglik_diag(Ys, kernel(p["log_ell"]), k_of(p), p["log_var"], eigh_dtype=eigh_dtype) / (T * D)
 
         p0 = {
             "log_ell": jnp.asarray(np.log(0.1), dtype),
@@ -127,13 +131,27 @@ def _fit(args: argparse.Namespace) -> int:
             "log_kappa": jnp.full(D, np.log(0.1), dtype),
             "log_var": jnp.full(D, np.log(0.5), dtype),
         }
-        r = fit(loss, p0, optimizer, num_steps=args.steps, tol=args.tol, progress=True)
+        r = fit(
+            loss,
+            p0,
+            optimizer,
+            num_steps=args.steps,
+            tol=args.tol,
+            progress=True,
+            log_scale_keys=("log_var", "log_kappa"),
+        )
         log_var, L = r.params["log_var"], -float(r.value) * T * D
         M, K = kernel(r.params["log_ell"]), k_of(r.params)
         lengthscale = float(jnp.exp(r.params["log_ell"])) * span
     seconds = time.perf_counter() - start
     if not np.isfinite(L):
         print("kronlik fit: error: the likelihood is NaN at the fitted point", file=sys.stderr)
+        return 2
+
+    try:
+        accuracy = validate(Ys, M, K, log_var=log_var, eigh_dtype=eigh_dtype, warn=False)
+    except ValueError as e:
+        print(f"kronlik fit: error: the likelihood is not defined at the fitted point: {e}", file=sys.stderr)
         return 2
 
     var = np.exp(np.asarray(log_var, np.float64))
@@ -144,6 +162,13 @@ def _fit(args: argparse.Namespace) -> int:
         print(f"RBF lengthscale over rows: {lengthscale:.4g} {'(time units)' if t is not None else '(rows)'}")
     print(f"log-likelihood (standardised data): {L:.6f}")
     print(f"steps: {int(r.num_steps)}, converged: {bool(r.converged)}, time: {seconds:.2f} s")
+    print(f"accuracy at the fit: {accuracy}")
+    if accuracy.error_bound > 1e-3:
+        print(
+            "kronlik fit: warning: L and its gradient may be inaccurate here (a nearly singular covariance); "
+            + ("" if args.float64 else "try --float64"),
+            file=sys.stderr,
+        )
 
     if args.out:
         out = {
@@ -159,6 +184,7 @@ def _fit(args: argparse.Namespace) -> int:
             "column_std": scale.tolist(),
             "steps": int(r.num_steps),
             "converged": bool(r.converged),
+            "error_bound": accuracy.error_bound,
             "seconds": seconds,
         }
         with open(args.out, "w") as fh:
@@ -173,7 +199,7 @@ def _fit(args: argparse.Namespace) -> int:
             print("kronlik fit: error: --plot needs matplotlib (pip install 'kronlik[plot]')", file=sys.stderr)
             return 2
         Sigma = jnp.diag(jnp.exp(log_var))
-        mu, v = predict(Ys, M, K, Sigma, M, jnp.diagonal(M))
+        mu, v = predict(Ys, M, K, Sigma, M, jnp.diagonal(M), eigh_dtype=eigh_dtype)
         mu = np.asarray(mu) * scale + mean
         sd = np.sqrt(np.maximum(np.asarray(v), 0.0)) * scale
         xs = np.arange(T) if t is None else t
@@ -208,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         "fit",
         help="fit noise variances (and an RBF kernel over rows and a free K) to a dataset",
         description="With no --data, fits the built-in US macro data. A CSV has one column per output "
-        "(plus an optional --time-column); M is an RBF kernel over time, K = LLᵀ + diag, Σ diagonal, all "
-        "fitted. An .npz with Y, M, K fits only Σ.",
+        "(plus an optional --time-column); M is an RBF kernel over time (plus 1e-6 I), K = LLᵀ + diag, Σ "
+        "diagonal, all fitted. An .npz with Y, M, K fits only Σ. float32 by default, with M's "
+        "eigendecompositions in float64 (mixed precision).",
     )
     fitp.add_argument("--data", help="CSV (header row, one column per output) or .npz with Y, M, K")
     fitp.add_argument("--time-column", help="CSV column holding time (default: the row index)")

@@ -88,7 +88,6 @@ def check_eigh_dtype(eigh_dtype) -> str | None:
         raise ValueError(f"eigh_dtype must be None, 'float32' or 'float64'; got {eigh_dtype!r}")
     if np.dtype(jax.dtypes.canonicalize_dtype(name)).name != name:
         raise ValueError(
-            f"eigh_dtype={name!r} needs jax.config.update('jax_enable_x64', True); "
-            "kronlik never turns it on itself"
+            f"eigh_dtype={name!r} needs jax.config.update('jax_enable_x64', True); kronlik never turns it on itself"
         )
     return name

@@ -20,8 +20,9 @@ log-variances of ±800 (e^800 overflows) and M and K near the overflow threshold
 log det S = log det S̃ + Σ_d log S_dd, and log det U = T log det S + Σ_tj log E_tj.
 
 PSD checks: K and Σ must be positive semi-definite up to ``psd_tolerance(D)`` relative to their
-own largest eigenvalue (read off the ``eigh`` that gives their factor); round-off negatives are
-dropped from the factor, a backward perturbation of that size.
+own largest eigenvalue: a Cholesky factor when they are positive definite, else the ``eigh`` that
+gives their factor says so; round-off negatives are dropped from the factor, a backward
+perturbation of that size.
 """
 
 from __future__ import annotations
@@ -43,20 +44,32 @@ def _sym(a: Array) -> Array:
 
 
 class PSDFactor(NamedTuple):
-    """A = F Fᵀ for a symmetric A, from its ``eigh``, round-off negatives dropped."""
+    """A = F Fᵀ for a symmetric PSD A, and whether A is PSD to round-off."""
 
-    factor: Array  # (D, D) V diag(sqrt(max(w, 0)))
+    factor: Array  # (D, D)
     ok: Array  # () finite and PSD to psd_tolerance
-    min_rel: Array  # () smallest eigenvalue / largest |eigenvalue| (for messages)
-    norm: Array  # () largest |eigenvalue|
 
 
 def psd_factor(a: Array) -> PSDFactor:
-    w, v = jnp.linalg.eigh(_sym(a))
-    scale = jnp.max(jnp.abs(w))
-    min_rel = w[0] / jnp.where(scale > 0, scale, 1.0)
-    ok = (min_rel >= -psd_tolerance(a.shape[0], a.dtype)) & jnp.isfinite(scale)
-    return PSDFactor(v * jnp.sqrt(jnp.maximum(w, 0.0))[None, :], ok, min_rel, scale)
+    """Cholesky when A is positive definite (the usual case, D³/3); else from ``eigh``.
+
+    The ``eigh`` branch drops round-off negative eigenvalues (down to -psd_tolerance(D) times the
+    largest magnitude, a backward perturbation of that size) and says whether there were worse.
+    """
+    a = _sym(a)
+    chol = jnp.linalg.cholesky(a)
+
+    def from_eigh(_):
+        w, v = jnp.linalg.eigh(a)
+        scale = jnp.max(jnp.abs(w))
+        ok = (w[0] >= -psd_tolerance(a.shape[0], a.dtype) * scale) & jnp.isfinite(scale)
+        return v * jnp.sqrt(jnp.maximum(w, 0.0))[None, :], ok
+
+    def from_cholesky(_):
+        return chol, positive_definite
+
+    positive_definite = jnp.all(jnp.isfinite(chol))
+    return PSDFactor(*jax.lax.cond(positive_definite, from_cholesky, from_eigh, None))
 
 
 class Pencil(NamedTuple):
@@ -74,8 +87,6 @@ class Pencil(NamedTuple):
     ok_s: Array  # () αK + Σ positive definite and finite
     rho_resolved: Array  # (D,) ρ_j told apart from 0 (resolution · ‖K̂‖ ‖p̃_j‖²)
     nu_resolved: Array  # (D,) ν_j told apart from 0
-    k_min_rel: Array  # () K's smallest eigenvalue / its largest magnitude (for messages)
-    noise_min_rel: Array  # () the same for Σ
 
 
 def _pencil(k: PSDFactor, log_s_noise: Array, scaled_noise_factor, alpha: Array, exact_nu: bool) -> tuple:
@@ -123,7 +134,7 @@ class FullNoise(NamedTuple):
             return s.factor * jnp.exp(-0.5 * log_diag_s)[:, None]
 
         p, ps, rho, kappa, nu, w, logdet_s, ok_k, ok_s, rr, nr = _pencil(k, log_s_noise, scaled, alpha, False)
-        return Pencil(p, ps, rho, kappa, nu, w, logdet_s, ok_k, s.ok, ok_s, rr, nr, k.min_rel, s.min_rel)
+        return Pencil(p, ps, rho, kappa, nu, w, logdet_s, ok_k, s.ok, ok_s, rr, nr)
 
     def diagonal(self) -> Array:
         return jnp.diagonal(self.sigma)
@@ -146,13 +157,13 @@ class LogVarNoise(NamedTuple):
 
     def pencil(self, K: Array, alpha: Array) -> Pencil:
         k = psd_factor(K)
+
         # F_Σ = diag(e^{s/2}) is never formed: only its scaled form, diag(e^{(s - log S_dd)/2}).
         def scaled(log_diag_s):
             return jnp.diag(jnp.exp(0.5 * (self.log_var - log_diag_s)))
 
         p, ps, rho, kappa, nu, w, logdet_s, ok_k, ok_s, rr, nr = _pencil(k, self.log_var, scaled, alpha, True)
-        one = jnp.ones((), self.log_var.dtype)
-        return Pencil(p, ps, rho, kappa, nu, w, logdet_s, ok_k, jnp.array(True), ok_s, rr, nr, k.min_rel, one)
+        return Pencil(p, ps, rho, kappa, nu, w, logdet_s, ok_k, jnp.array(True), ok_s, rr, nr)
 
     def diagonal(self) -> Array:
         return jnp.exp(self.log_var)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
@@ -119,6 +120,69 @@ def _minimise(
     return FitResult(params, value, values, gnorms, steps, converged & jnp.isfinite(value))
 
 
+# Upward steps tried for each log-scale parameter when a fit has stopped (see _escape_plateaus).
+_ESCAPE_STEPS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+_MAX_ESCAPES = 5
+
+
+def _escape_plateaus(value_fn: Callable, params, mask, rtol: float):
+    """A better point one log-scale parameter up from ``params``, or None.
+
+    A log-variance s far below where it matters sits on a plateau: L changes by O(eˢ) there,
+    so its gradient vanishes and any gradient method stops, though L is higher (the loss lower)
+    back up at the optimum. (A noise-free output is the usual way in: the first steps overshoot
+    a narrow maximum at a tiny variance.) So try each masked parameter at s + 1, 2, 4, ..., 32
+    and return the best such point if it lowers ``value_fn`` by more than rtol·|value|.
+    """
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    flat_mask, _ = jax.flatten_util.ravel_pytree(mask)
+    index = jnp.flatnonzero(flat_mask.astype(bool))
+    if index.size == 0:
+        return None
+    steps = jnp.asarray(_ESCAPE_STEPS, flat.dtype)
+    bumps = jnp.zeros((index.size, steps.size, flat.size), flat.dtype)
+    bumps = bumps.at[jnp.arange(index.size)[:, None], jnp.arange(steps.size)[None, :], index[:, None]].set(
+        steps[None, :]
+    )
+    candidates = (flat[None, None, :] + bumps).reshape(-1, flat.size)
+    values = jax.jit(jax.vmap(lambda x: value_fn(unravel(x))))(candidates)
+    current = value_fn(params)
+    best = jnp.nanargmin(values)
+    if not bool(values[best] < current - rtol * jnp.abs(current)):
+        return None
+    return unravel(candidates[best])
+
+
+def _minimise_escaping(
+    value_and_grad_fn, value_fn, params, optimizer, num_steps, tol, rtol, progress, chunk_size, sign, mask
+):
+    """:func:`_minimise`, restarted from a better point while :func:`_escape_plateaus` finds one."""
+    result = _minimise(value_and_grad_fn, value_fn, params, optimizer, num_steps, tol, rtol, progress, chunk_size, sign)
+    steps, values, gnorms = int(result.num_steps), [result.value_history], [result.grad_norm_history]
+    for _ in range(_MAX_ESCAPES):
+        if mask is None or steps >= num_steps or not bool(jnp.isfinite(result.value)):
+            break
+        better = _escape_plateaus(value_fn, result.params, mask, max(rtol, 1e-10))
+        if better is None:
+            break
+        if progress:
+            print("  a log-scale parameter was on a plateau: restarting from a better point", file=sys.stderr)
+        result = _minimise(
+            value_and_grad_fn, value_fn, better, optimizer, num_steps - steps, tol, rtol, progress, chunk_size, sign
+        )
+        values.append(result.value_history)
+        gnorms.append(result.grad_norm_history)
+        steps += int(result.num_steps)
+
+    def history(parts):
+        taken = jnp.concatenate([h[: int(jnp.sum(jnp.isfinite(h)))] for h in parts])
+        return jnp.full((num_steps,), jnp.nan, taken.dtype).at[: taken.size].set(taken[:num_steps])
+
+    return result._replace(
+        value_history=history(values), grad_norm_history=history(gnorms), num_steps=jnp.asarray(steps)
+    )
+
+
 def _default_tol(dtype) -> float:
     return float(jnp.sqrt(jnp.finfo(dtype).eps))
 
@@ -183,7 +247,8 @@ def fit_log_var(
         return -loglik_diag(y_fit, m_fit, K, s)
 
     optimizer = optax.lbfgs() if optimizer is None else optimizer
-    return _minimise(
+    mask = jnp.ones(log_var0.shape, bool)  # every log-variance can stall on the plateau at -inf
+    return _minimise_escaping(
         neg_value_and_grad,
         neg_value,
         log_var0,
@@ -194,6 +259,7 @@ def fit_log_var(
         progress,
         chunk_size,
         -1.0,
+        mask,
     )
 
 
@@ -207,6 +273,7 @@ def fit(
     rtol: float | None = None,
     progress: bool = False,
     chunk_size: int = 50,
+    log_scale_keys: tuple[str, ...] = (),
 ) -> FitResult:
     """Minimise ``loss_fn(params)`` over a pytree of parameters with optax, jit-compiled.
 
@@ -227,19 +294,18 @@ def fit(
       tol: stop when the max-abs gradient entry is ≤ tol.
       rtol: or when the loss changes by ≤ rtol·|loss| in a step; default 4·eps.
       progress: print progress to stderr between chunks of ``chunk_size`` steps.
+      log_scale_keys: for a dict ``params``, the keys holding log-variances (or other log
+        scales whose gradient vanishes as they go to -inf). When the fit stops, each is tried
+        1, 2, 4, ..., 32 higher and the fit restarts from a better point if there is one: a
+        gradient method stalls on that plateau, e.g. after overshooting the narrow maximum of
+        a nearly noise-free output. :func:`fit_log_var` does this for all its parameters.
     """
     optimizer = optax.lbfgs() if optimizer is None else optimizer
     if rtol is None:
         rtol = 4 * float(jnp.finfo(jax.tree_util.tree_leaves(params)[0].dtype).eps)
-    return _minimise(
-        jax.value_and_grad(loss_fn),
-        loss_fn,
-        params,
-        optimizer,
-        num_steps,
-        tol,
-        rtol,
-        progress,
-        chunk_size,
-        1.0,
+    mask = None
+    if log_scale_keys:
+        mask = {k: jnp.full(jnp.shape(v), k in log_scale_keys) for k, v in params.items()}
+    return _minimise_escaping(
+        jax.value_and_grad(loss_fn), loss_fn, params, optimizer, num_steps, tol, rtol, progress, chunk_size, 1.0, mask
     )
