@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._checks import check_eigh_dtype, prepare
-from ._core import factor, forward
+from ._core import factor, forward, solve_in_pencil_basis
 from ._noise import FullNoise, LogVarNoise
 from .forms import Dense, EighFactor, psd_tolerance
 
@@ -26,26 +26,31 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class Validation:
-    """What :func:`validate` measured on inputs that passed.
+    """What :func:`validate` measured on inputs that passed: how accurate kronlik is on them.
 
     ``amplification`` = max_tj (λ_max κ_j + ν_j) / E_tj ≥ 1 is how much an error of eps·λ_max in
     an eigenvalue of M (what any eigendecomposition of M commits) is magnified in the E_tj that
-    the value and gradients divide by; ``error_bound`` = amplification · eps_eigh + 10 · eps is the
-    relative error of the worst term of L (a bound: the measured error of L is usually 10–1000×
-    smaller, since errors in many terms average), with eps_eigh that of the dtype M is
-    eigendecomposed in and eps that of the inputs. Large values come from a smooth M (tiny
-    eigenvalues) with K large against the noise;
-    float64, or ``eigh_dtype="float64"`` with float32 inputs (mixed precision), brings it down.
+    the value and gradients divide by. ``error_bound`` = amplification · eps_eigh +
+    (sqrt(amplification) + 10) · eps is the relative error of the worst term of L, with eps_eigh
+    that of the dtype M is eigendecomposed in and eps that of the inputs (the square root: the
+    rotation of Y into M's eigenbasis, whose error in a direction of small E_tj is divided by
+    sqrt(E_tj)). It is a bound: the error of L itself is usually 10–1000× smaller, since errors
+    in many terms average. ``gradient_error_bound`` multiplies it
+    by the cancellation in ∂L/∂Σ = ½ (C - B), (‖C‖ + ‖B‖) / ‖C - B‖, which is large near a
+    maximum of L. Large values come from a smooth M (tiny eigenvalues) with K large against the
+    noise; float64, or ``eigh_dtype="float64"`` with float32 inputs (mixed precision), brings
+    them down.
     """
 
     dtype: str
     amplification: float
     error_bound: float
+    gradient_error_bound: float
 
     def __str__(self) -> str:
         return (
-            f"valid ({self.dtype}); eigenvalue error amplification {self.amplification:.3g}, "
-            f"so the worst term of L is accurate to about {self.error_bound:.1e} relative"
+            f"valid ({self.dtype}); eigenvalue error amplification {self.amplification:.3g}: terms of L accurate "
+            f"to about {self.error_bound:.1e}, gradients to about {self.gradient_error_bound:.1e} (relative)"
         )
 
 
@@ -65,7 +70,13 @@ def _factor_and_forward(Y, form, K, noise, eigh_dtype):
     lam_max = jnp.max(f.basis.lam)
     top = (lam_max / f.alpha) * f.pencil.rho[None, :] + f.pencil.nu[None, :]
     amplification = jnp.max(top * f.inv_e)
-    return f, s, amplification
+    # ∂L/∂Σ = ½ (C - B) in the pencil basis: C = P RᵀR Pᵀ, B = P diag(b) Pᵀ.
+    r = solve_in_pencil_basis(f, s)
+    b = jnp.sum(f.inv_e, axis=0) + (f.num_complement() / f.pencil.nu if f.num_complement() else 0.0)
+    c_mat = f.pencil.p @ (r.T @ r) @ f.pencil.p.T
+    b_mat = (f.pencil.p * b[None, :]) @ f.pencil.p.T
+    cancellation = (jnp.linalg.norm(c_mat) + jnp.linalg.norm(b_mat)) / jnp.linalg.norm(c_mat - b_mat)
+    return f, s, amplification, cancellation
 
 
 def _smallest_eig(a: np.ndarray) -> tuple[float, float]:
@@ -124,7 +135,7 @@ def validate(
             raise ValueError(f"{n} has {int(bad.sum())} non-finite entries (NaN or inf), the first at index {first}")
 
     eigh_dtype = check_eigh_dtype(eigh_dtype)
-    f, s, amplification = _factor_and_forward(Y, form, K, noise, eigh_dtype)
+    f, s, amplification, cancellation = _factor_and_forward(Y, form, K, noise, eigh_dtype)
     flags = jax.tree_util.tree_map(bool, f.flags)
     dtype = Y.dtype
     T, D = Y.shape
@@ -191,10 +202,11 @@ def validate(
                     stacklevel=2,
                 )
     amp = float(amplification)
-    # The eigendecomposition's error, amplified, plus the rest of the pipeline at ~10 eps of its dtype.
-    report = Validation(
-        dtype.name, amp, amp * float(jnp.finfo(eigh_dtype or dtype).eps) + 10 * float(jnp.finfo(dtype).eps)
-    )
+    # The eigendecomposition's error, amplified; the rotations of Y and W in the inputs' dtype, whose
+    # error in a small-E direction is amplified by the square root; the rest at ~10 eps.
+    eps = float(jnp.finfo(dtype).eps)
+    bound = amp * float(jnp.finfo(eigh_dtype or dtype).eps) + (amp**0.5 + 10) * eps
+    report = Validation(dtype.name, amp, bound, bound * float(cancellation))
     if warn and report.error_bound > 1e-3:
         warnings.warn(
             f"kronlik in {dtype.name} on these inputs: {report}. Use float64, or "
