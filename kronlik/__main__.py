@@ -179,6 +179,8 @@ def _fit(args: argparse.Namespace) -> int:
             "log_var": np.asarray(log_var, np.float64).tolist(),
             "K_standardised": np.asarray(K, np.float64).tolist(),
             "lengthscale": lengthscale,
+            # the fitted parameters as the optimiser saw them (standardised data, time scaled to [0, 1])
+            "params": jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64).tolist(), r.params),
             "loglik": L,
             "column_mean": mean.tolist(),
             "column_std": scale.tolist(),

@@ -75,3 +75,44 @@ def test_bad_npz_exits_2(tmp_path, capsys):
     assert "need Y (T, D), M (T, T), K (D, D)" in capsys.readouterr().err
     assert main(["fit", "--data", str(bad_m)]) == 2
     assert "M is not positive semi-definite" in capsys.readouterr().err
+
+
+def test_fit_csv_with_a_noise_free_column_lands_at_the_dense_mle(tmp_path):
+    # Output "smooth" is a noise-free draw of the CLI's own model (RBF + 1e-6 nugget): its noise
+    # variance goes to the plateau at log_var -> -inf. The float64 fit must report the true L there
+    # and be a maximum of the dense likelihood too.
+    import jax
+    import jax.numpy as jnp
+
+    from kronlik import reference
+
+    rng = np.random.default_rng(5)
+    T = 50
+    t = np.linspace(0, 10, T)
+    x = (t - t.min()) / (t.max() - t.min())
+    M = np.exp(-0.5 * (x[:, None] - x[None, :]) ** 2 / 0.15**2) + 1e-6 * np.eye(T)
+    F = np.linalg.cholesky(M) @ rng.standard_normal((T, 2)) @ np.linalg.cholesky(np.array([[1, 0.6], [0.6, 1]])).T
+    Y = F + np.column_stack([0.3 * rng.standard_normal(T), np.zeros(T)])
+    csv = tmp_path / "nf.csv"
+    csv.write_text("t,noisy,smooth\n" + "\n".join(f"{a},{b},{c}" for a, (b, c) in zip(t, Y)))
+    out = tmp_path / "nf.json"
+    assert main(["fit", "--data", str(csv), "--time-column", "t", "--float64", "--out", str(out)]) == 0
+    fitted = json.loads(out.read_text())
+    p = {k: jnp.asarray(v) for k, v in fitted["params"].items()}
+    Ys = jnp.asarray((Y - Y.mean(0)) / Y.std(0))
+    xs = jnp.asarray(x)
+
+    def dense_loss(p):
+        d = xs[:, None] - xs[None, :]
+        Mp = jnp.exp(-0.5 * d * d * jnp.exp(-2.0 * p["log_ell"])) + 1e-6 * jnp.eye(T)
+        Kp = p["L"] @ p["L"].T + jnp.diag(jnp.exp(p["log_kappa"]))
+        return -reference.loglik(Ys, Mp, Kp, jnp.diag(jnp.exp(p["log_var"]))) / (T * 2)
+
+    dense_l = -float(dense_loss(p)) * T * 2
+    assert abs(fitted["loglik"] - dense_l) < 1e-8 * abs(dense_l)
+    # a dense fit (jax.grad of the Cholesky likelihood) started at the CLI's optimum finds nothing higher
+    from kronlik import fit
+
+    polished = fit(jax.jit(dense_loss), p, tol=1e-9, num_steps=200, log_scale_keys=("log_var", "log_kappa"))
+    assert -float(polished.value) * T * 2 < fitted["loglik"] + 1e-6
+    assert fitted["noise_variance_standardised"][1] < 1e-6

@@ -166,3 +166,44 @@ def test_predict_matches_dense(rng):
     assert max_rel(var_y, dense_var + jnp.diagonal(Sigma)[None, :]) < 1e-10
     with pytest.raises(ValueError, match="M_cross must be"):
         kronlik.predict(Y, M, K, Sigma, M_cross[:, :4], m_new)
+
+
+def _noise_free_problem():
+    # Output 1 is a draw of the latent GP without noise: its noise variance's MLE is tiny
+    # (e^-16.75 here), and beyond it L is flat to 1e-8, a plateau where the gradient vanishes.
+    rng = np.random.default_rng(3)
+    T = 100
+    t = np.linspace(0, 1, T)
+    M = np.exp(-0.5 * (t[:, None] - t[None, :]) ** 2 / 0.2**2) + 1e-6 * np.eye(T)
+    K = np.array([[1.0, 0.5], [0.5, 1.0]])
+    Y = np.linalg.cholesky(M) @ rng.standard_normal((T, 2)) @ np.linalg.cholesky(K).T
+    Y[:, 0] += 0.1 * rng.standard_normal(T)
+    return jnp.asarray(Y), jnp.asarray(M), jnp.asarray(K)
+
+
+def test_fit_log_var_with_a_noise_free_output_lands_at_the_dense_mle():
+    Y, M, K = _noise_free_problem()
+    ours = kronlik.fit_log_var(Y, M, K, jnp.zeros(2))
+    dense_at_ours = float(reference.loglik(Y, M, K, jnp.diag(jnp.exp(ours.params))))
+    assert abs(float(ours.value) - dense_at_ours) < 1e-8 * abs(dense_at_ours)  # the reported L is right
+
+    def dense_loss(s):
+        return -reference.loglik(Y, M, K, jnp.diag(jnp.exp(s)))
+
+    # the dense MLE, by jax.grad of the dense reference, with the same plateau escape
+    dense = kronlik.fit(lambda p: dense_loss(p["s"]), {"s": jnp.zeros(2)}, tol=1e-8, log_scale_keys=("s",))
+    assert abs(float(ours.value) + float(dense.value)) < 1e-6
+    # and no coordinate is left on the plateau: a scan over the noise-free output finds nothing better
+    grid = jnp.linspace(-40.0, 0.0, 81)
+    scan = jax.vmap(lambda s1: -dense_loss(jnp.stack([ours.params[0], s1])))(grid)
+    assert float(jnp.nanmax(scan)) < float(ours.value) + 1e-6
+    assert -25.0 < float(ours.params[1]) < -10.0
+
+
+def test_plateau_escape_is_what_finds_it():
+    # Without the escape (a loss the fit does not know to be log-scale) the same L-BFGS run stops
+    # on the plateau, 0.06 below the maximum: the escape is doing the work.
+    Y, M, K = _noise_free_problem()
+    stuck = kronlik.fit(lambda s: -kronlik.loglik_diag(Y, M, K, s), jnp.zeros(2))
+    best = kronlik.fit_log_var(Y, M, K, jnp.zeros(2))
+    assert float(-stuck.value) < float(best.value) - 0.01
