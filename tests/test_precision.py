@@ -35,7 +35,9 @@ def test_validate_bounds_the_float32_errors_and_mixed_precision_improves_them():
     truth_value, truth = jax.value_and_grad(kronlik.loglik_diag, argnums=ALL)(*args64)
     errors = {}
     for mode in (None, "float64"):
-        value, grads = jax.value_and_grad(lambda *a: kronlik.loglik_diag(*a, eigh_dtype=mode), argnums=ALL)(*args32)
+        value, grads = jax.value_and_grad(lambda *a, m=mode: kronlik.loglik_diag(*a, eigh_dtype=m), argnums=ALL)(
+            *args32
+        )
         assert value.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in grads)
         report = kronlik.validate(*args32[:3], log_var=args32[3], eigh_dtype=mode, warn=False)
         value_error = abs(float(value) - float(truth_value)) / abs(float(truth_value))
