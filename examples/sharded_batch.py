@@ -26,6 +26,16 @@ from jax.sharding import PartitionSpec as P
 
 import kronlik
 
+try:
+    from jax import shard_map
+except ImportError:  # older jax (kronlik's minimum is 0.5) has it under experimental, without
+    # replication rules for the while loop in kronlik's factorisation
+    from functools import partial
+
+    from jax.experimental.shard_map import shard_map
+
+    shard_map = partial(shard_map, check_rep=False)
+
 jax.config.update("jax_enable_x64", True)  # an example script may choose its precision
 
 
@@ -59,7 +69,7 @@ def main(batch: int = 16, T: int = 40, D: int = 3) -> dict:
     log_vars = jnp.log(jax.vmap(jnp.diagonal)(Sigmas))
     single_vg = jax.jit(value_and_grad)(Ys, Ms, Ks, log_vars)
     spec = P("batch")
-    blockwise = jax.jit(jax.shard_map(value_and_grad, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec, spec)))
+    blockwise = jax.jit(shard_map(value_and_grad, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec, spec)))
     sharded_vg = blockwise(*(jax.device_put(a, NamedSharding(mesh, spec)) for a in (Ys, Ms, Ks, log_vars)))
 
     err = max(

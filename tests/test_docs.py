@@ -111,3 +111,17 @@ def test_every_file_and_name_the_readme_mentions_exists():
         assert field in README and field in kronlik.Validation.__dataclass_fields__
     for module in ("benchmarks.accuracy", "benchmarks.float32_accuracy", "benchmarks.run"):
         assert f"python -m {module}" in README and (ROOT / (module.replace(".", "/") + ".py")).exists()
+
+
+def test_ci_minimum_versions_are_pyprojects_lower_bounds():
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    lower = dict(re.fullmatch(r"([\w-]+)>=([\w.]+)", d).groups() for d in deps)
+    pins = dict(
+        line.split("==") for line in (ROOT / ".ci" / "min-versions.txt").read_text().splitlines() if "==" in line
+    )
+    assert set(pins) == set(lower)
+    for name, version in lower.items():
+        assert pins[name].startswith(version.rstrip(".0") or version), (name, pins[name], version)
+    assert "min-versions.txt" in (ROOT / ".ci" / "run").read_text()
