@@ -55,8 +55,8 @@ def cases(quick: bool = False) -> dict[str, tuple]:
         out[f"random 5x3, log_var [0,{s},{2 * s}]"] = (y53, m5, k3, None, np.array([0.0, s, 2.0 * s]))
         out[f"random 5x3, log_var [{2 * s},{s},0]"] = (y53, m5, k3, None, np.array([2.0 * s, s, 0.0]))
         r = _rotation(rng, 3)
-        sigma = (r * np.exp([0.0, s / 2, s])) @ r.T
-        out[f"random 5x3, full Sigma eig [1,e^{s // 2},e^{s}] rotated"] = (y53, m5, k3, sigma, None)
+        sigma = (r * np.exp([0.0, s, 2.0 * s])) @ r.T
+        out[f"random 5x3, full Sigma eig [1,e^{s},e^{2 * s}] rotated"] = (y53, m5, k3, sigma, None)
     for scale in (1e-8, 1e-6, 1e6, 1e8):
         out[f"random 5x3, M x {scale:g}, K x {1 / scale:g}"] = (
             y53,

@@ -168,7 +168,7 @@ class Dense(NamedTuple):
     def cotangent(self, basis: Basis, ct: MCotangent) -> Dense:
         # One T×T×D and one T×T×T product: the second is the price of a dense output of rank T.
         g = (ct.r * ct.kappa[None, :]) @ ct.r.T - (basis.vectors * ct.a[None, :]) @ basis.vectors.T
-        return Dense(ct.h * _sym(g))
+        return Dense((0.5 * ct.h) * (g + g.T))  # symmetric to the last bit, one pass over T×T
 
     def dense(self) -> Array:
         return self.matrix
