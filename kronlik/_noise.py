@@ -87,6 +87,8 @@ class Pencil(NamedTuple):
     ok_s: Array  # () αK + Σ positive definite and finite
     rho_resolved: Array  # (D,) ρ_j told apart from 0 (resolution · ‖K̂‖ ‖p̃_j‖²)
     nu_resolved: Array  # (D,) ν_j told apart from 0
+    k_trace: Array  # () trace K̂ = ‖F̂_K‖_F² ≥ ‖K̂‖: the scale of a round-off perturbation of K
+    noise_trace: Array  # () trace Σ̂ for a full Σ; 0 for diagonal noise, which enters exactly
 
 
 def _pencil(k: PSDFactor, log_s_noise: Array, scaled_noise_factor, alpha: Array, exact_nu: bool) -> tuple:
@@ -106,13 +108,29 @@ def _pencil(k: PSDFactor, log_s_noise: Array, scaled_noise_factor, alpha: Array,
     rho, nu = jnp.sum(bk * bk, axis=0), jnp.sum(bs * bs, axis=0)
     norms = jnp.sum(p_scaled * p_scaled, axis=0)
     res = resolution(D, fk.dtype)
-    rho_resolved = rho > res * jnp.sum(fk * fk) * norms  # ‖F̂_K‖_F² ≥ ‖K̂‖
-    nu_resolved = nu > 0 if exact_nu else nu > res * jnp.sum(fs * fs) * norms
+    k_trace = jnp.sum(fk * fk)
+    noise_trace = jnp.zeros((), fk.dtype) if exact_nu else jnp.sum(fs * fs)
+    rho_resolved = rho > res * k_trace * norms
+    nu_resolved = nu > 0 if exact_nu else nu > res * noise_trace * norms
     ok_s = jnp.all(jnp.isfinite(chol)) & jnp.all(jnp.isfinite(log_diag_s))
     logdet_s = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol))) + jnp.sum(log_diag_s)
     p = p_scaled * jnp.exp(-0.5 * log_diag_s)[:, None]
     weight = jnp.exp(log_s_noise - log_diag_s)
-    return p, p_scaled, rho, rho / alpha, nu, weight, logdet_s, k.ok, ok_s, rho_resolved, nu_resolved
+    return (
+        p,
+        p_scaled,
+        rho,
+        rho / alpha,
+        nu,
+        weight,
+        logdet_s,
+        k.ok,
+        ok_s,
+        rho_resolved,
+        nu_resolved,
+        k_trace,
+        noise_trace,
+    )
 
 
 class FullNoise(NamedTuple):
@@ -133,8 +151,8 @@ class FullNoise(NamedTuple):
         def scaled(log_diag_s):
             return s.factor * jnp.exp(-0.5 * log_diag_s)[:, None]
 
-        p, ps, rho, kappa, nu, w, logdet_s, ok_k, ok_s, rr, nr = _pencil(k, log_s_noise, scaled, alpha, False)
-        return Pencil(p, ps, rho, kappa, nu, w, logdet_s, ok_k, s.ok, ok_s, rr, nr)
+        p, ps, rho, kappa, nu, w, logdet_s, ok_k, ok_s, rr, nr, kt, nt = _pencil(k, log_s_noise, scaled, alpha, False)
+        return Pencil(p, ps, rho, kappa, nu, w, logdet_s, ok_k, s.ok, ok_s, rr, nr, kt, nt)
 
     def diagonal(self) -> Array:
         return jnp.diagonal(self.sigma)
@@ -162,8 +180,8 @@ class LogVarNoise(NamedTuple):
         def scaled(log_diag_s):
             return jnp.diag(jnp.exp(0.5 * (self.log_var - log_diag_s)))
 
-        p, ps, rho, kappa, nu, w, logdet_s, ok_k, ok_s, rr, nr = _pencil(k, self.log_var, scaled, alpha, True)
-        return Pencil(p, ps, rho, kappa, nu, w, logdet_s, ok_k, jnp.array(True), ok_s, rr, nr)
+        p, ps, rho, kappa, nu, w, logdet_s, ok_k, ok_s, rr, nr, kt, nt = _pencil(k, self.log_var, scaled, alpha, True)
+        return Pencil(p, ps, rho, kappa, nu, w, logdet_s, ok_k, jnp.array(True), ok_s, rr, nr, kt, nt)
 
     def diagonal(self) -> Array:
         return jnp.exp(self.log_var)

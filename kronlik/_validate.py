@@ -32,17 +32,21 @@ class Validation:
     an eigenvalue of M (what any eigendecomposition of M commits) is magnified in the E_tj that
     the value and gradients divide by.
 
-    ``error_bound`` = amplification · eps_eigh + (4 sqrt(amplification) + 10) · eps estimates
-    the relative error of the worst term of L, with eps_eigh that of the dtype M is
+    ``error_bound`` = amplification · eps_eigh + (4 sqrt(amplification) + 10 + a_KΣ) · eps
+    estimates the relative error of the worst term of L, with eps_eigh that of the dtype M is
     eigendecomposed in and eps that of the inputs. The square root is the rotation of Y into M's
-    eigenbasis, whose error in a direction of small E_tj is divided by sqrt(E_tj). The constants
-    are calibrated on ``benchmarks/float32_accuracy.py``, where every measured error is below
-    its estimate; the error of L itself is usually 10–1000× smaller, since errors in many terms
-    average.
+    eigenbasis, whose error in a direction of small E_tj is divided by sqrt(E_tj);
+    a_KΣ = max_tj ((λ_t/α) ‖K̂‖ + ‖Σ̂‖) ‖p̃_j‖² / E_tj is the same amplification for a normwise
+    round-off perturbation of K and of a full Σ (diagonal noise enters exactly), large where K is
+    nearly singular in a direction the noise barely covers. The constants are calibrated on
+    ``benchmarks/float32_accuracy.py``, where every measured error is below its estimate; the
+    error of L itself is usually 10–1000× smaller, since errors in many terms average.
 
-    ``gradient_error_bound`` multiplies it by the cancellation in ∂L/∂Σ = ½ (C - B):
-    (‖C‖ + ‖B‖) / ‖C - B‖ in the max norm, and the same for eˢ ⊙ diag(C - B); it is large near
-    a maximum of L.
+    ``gradient_error_bound`` multiplies it by the cancellation in the gradients, each a
+    difference of a data term and a log-det term (∂L/∂Σ = ½ (C - B), likewise for K and M, the
+    last in M's eigenbasis): the largest (‖data‖ + ‖logdet‖) / ‖data - logdet‖ in the max norm,
+    large near a maximum of L; plus the sensitivity of the data terms W K Wᵀ and Wᵀ M W to the
+    same round-off in K and M, large when W is large where K or M is nearly zero.
 
     Large values come from a smooth M (tiny eigenvalues) with K large against the noise;
     float64, or ``eigh_dtype="float64"`` with float32 inputs (mixed precision), brings them down.
@@ -86,11 +90,43 @@ def _factor_and_forward(Y, form, K, noise, eigh_dtype):
     ps, weight = f.pencil.p_scaled, f.pencil.noise_weight
     c_diag = weight * jnp.sum((ps @ rtr) * ps, axis=1)
     b_diag = weight * ((ps * ps) @ b)
-    cancellation = jnp.maximum(
-        (jnp.max(jnp.abs(c_mat)) + jnp.max(jnp.abs(b_mat))) / jnp.max(jnp.abs(c_mat - b_mat)),
-        jnp.max(c_diag + b_diag) / jnp.max(jnp.abs(c_diag - b_diag)),
+    # ... and in ∂L/∂K = P ½ (Aᵀ diag(λ) A - diag(c)) Pᵀ and Vᵀ(∂L/∂M)V = ½ (A diag(κ) Aᵀ - diag(a))
+    lam, kappa = f.basis.lam, f.pencil.kappa
+    k_data = f.pencil.p @ (s.a.T @ (lam[:, None] * s.a)) @ f.pencil.p.T
+    k_logdet = (f.pencil.p * (lam @ f.inv_e)[None, :]) @ f.pencil.p.T
+    m_data = (s.a * kappa[None, :]) @ s.a.T
+    m_logdet = jnp.diag(f.inv_e @ kappa)
+
+    def ratio(data, logdet):
+        return (jnp.max(jnp.abs(data)) + jnp.max(jnp.abs(logdet))) / jnp.max(jnp.abs(data - logdet))
+
+    cancellation = jnp.max(
+        jnp.stack(
+            [
+                ratio(c_mat, b_mat),
+                jnp.max(c_diag + b_diag) / jnp.max(jnp.abs(c_diag - b_diag)),
+                ratio(k_data, k_logdet),
+                ratio(m_data, m_logdet),
+            ]
+        )
     )
-    return f, s, amplification, cancellation
+    # The pencil is backward stable in K and Σ normwise: a perturbation of eps·‖K̂‖ (eps·‖Σ̂‖ for a
+    # full Σ; diagonal noise is exact) moves ρ_j (ν_j) by that times ‖p̃_j‖², and E_tj by λ_t/α
+    # times the first. Large where K is nearly singular in a direction the noise barely covers.
+    norms = jnp.sum(f.pencil.p_scaled**2, axis=0)
+    k_scale, s_scale = f.pencil.k_trace, f.pencil.noise_trace
+    shift = ((lam / f.alpha)[:, None] * k_scale + s_scale) * norms[None, :]
+    pencil_amplification = jnp.max(shift * f.inv_e)
+    if f.num_complement():
+        pencil_amplification = jnp.maximum(pencil_amplification, jnp.max(s_scale * norms / f.pencil.nu))
+    # The data terms of the gradients, against the same perturbations: R diag(κ) Rᵀ in ∂L/∂M moves
+    # by max_t R_tj² δκ_j, Aᵀ diag(λ) A in ∂L/∂K by eps·λ_max·AᵀA (per eps of the input dtype, and
+    # of the eigh dtype); large when W is large where K or M is nearly zero.
+    g_m = 0.5 * jnp.max(jnp.abs(m_data - m_logdet))
+    g_k = 0.5 * jnp.max(jnp.abs(k_data - k_logdet))
+    sens_m = 0.5 * jnp.max(jnp.max(r * r, axis=0) * k_scale * norms / f.alpha) / g_m
+    sens_k = 0.5 * jnp.max(lam) * jnp.max(jnp.abs(f.pencil.p @ (s.a.T @ s.a) @ f.pencil.p.T)) / g_k
+    return f, s, amplification, cancellation, pencil_amplification, sens_m, sens_k
 
 
 def _smallest_eig(a: np.ndarray) -> tuple[float, float]:
@@ -149,7 +185,9 @@ def validate(
             raise ValueError(f"{n} has {int(bad.sum())} non-finite entries (NaN or inf), the first at index {first}")
 
     eigh_dtype = check_eigh_dtype(eigh_dtype)
-    f, s, amplification, cancellation = _factor_and_forward(Y, form, K, noise, eigh_dtype)
+    f, s, amplification, cancellation, pencil_amplification, sens_m, sens_k = _factor_and_forward(
+        Y, form, K, noise, eigh_dtype
+    )
     flags = jax.tree_util.tree_map(bool, f.flags)
     dtype = Y.dtype
     T, D = Y.shape
@@ -219,8 +257,10 @@ def validate(
     # The eigendecomposition's error, amplified; the rotations of Y and W in the inputs' dtype, whose
     # error in a small-E direction is amplified by the square root; the rest at ~10 eps.
     eps = float(jnp.finfo(dtype).eps)
-    bound = amp * float(jnp.finfo(eigh_dtype or dtype).eps) + (4 * amp**0.5 + 10) * eps
-    report = Validation(dtype.name, amp, bound, bound * float(cancellation))
+    bound = amp * float(jnp.finfo(eigh_dtype or dtype).eps) + (4 * amp**0.5 + 10 + float(pencil_amplification)) * eps
+    eps_eigh = float(jnp.finfo(eigh_dtype or dtype).eps)
+    sensitivity = float(sens_m) * eps + float(sens_k) * eps_eigh
+    report = Validation(dtype.name, amp, bound, bound * float(cancellation) + sensitivity)
     if warn and report.error_bound > 1e-3:
         warnings.warn(
             f"kronlik in {dtype.name} on these inputs: {report}. Use float64, or "
