@@ -17,3 +17,12 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    # Every compiled XLA:CPU program keeps memory mappings; the suite compiles thousands, and a
+    # long run hit the kernel's limit on mappings (a segfault inside the compiler). Free them
+    # after each test module.
+    yield
+    jax.clear_caches()
