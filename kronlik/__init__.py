@@ -3,7 +3,8 @@
 ``vec(Y) ~ N(0, U)``, ``U = M ⊗ K + I_T ⊗ Σ``, ``Y`` of shape (T, D), ``vec(Y) = Y.reshape(-1)``.
 The public functions are in :mod:`kronlik.structured`, the forms of M in :mod:`kronlik.forms`,
 the one structured core in ``kronlik._core`` (with the noise models in ``kronlik._noise``), the
-dense and exact references in :mod:`kronlik.reference`, fitting in :mod:`kronlik.fitting`.
+dense and exact references in :mod:`kronlik.reference`, information matrices in :mod:`kronlik.information`, fitting in
+:mod:`kronlik.fitting`.
 """
 
 from . import reference
@@ -12,6 +13,7 @@ from ._validate import Validation, validate
 from .fitting import FitResult, fit, fit_log_var
 from .forms import Diagonal, EighFactor, LowRank, psd_tolerance
 from .gradcheck import GradientReport, check_gradients
+from .information import fisher_information, fisher_log_var, hessian_log_var
 from .structured import (
     factorize,
     grad_log_var,
@@ -36,9 +38,12 @@ __all__ = [
     "default_floating_dtype",
     "factorize",
     "fit",
+    "fisher_information",
+    "fisher_log_var",
     "fit_log_var",
     "grad_log_var",
     "grad_sigma",
+    "hessian_log_var",
     "loglik",
     "loglik_diag",
     "loglik_diag_rotated",

@@ -77,8 +77,9 @@ def _fit(args: argparse.Namespace) -> int:
     import numpy as np
     import optax
 
-    from . import fit, fit_log_var, loglik_diag, predict, validate
+    from . import fisher_information, fit, fit_log_var, loglik_diag, predict, validate
     from .datasets import DataError
+    from .fitting import _std_errors
 
     try:
         t, Y, names, M_given, K_given = _load(args)
@@ -115,9 +116,9 @@ def _fit(args: argparse.Namespace) -> int:
         span = float(tt.max() - tt.min()) or 1.0
         x = jnp.asarray((tt - tt.min()) / span, dtype)
 
-        def kernel(log_ell):  # RBF plus a nugget of 1e-6: M stays positive definite
+        def kernel(log_ell, x=x):  # RBF plus a nugget of 1e-6: M stays positive definite
             d = x[:, None] - x[None, :]
-            return jnp.exp(-0.5 * d * d * jnp.exp(-2.0 * log_ell)) + 1e-6 * jnp.eye(T, dtype=dtype)
+            return jnp.exp(-0.5 * d * d * jnp.exp(-2.0 * log_ell)) + 1e-6 * jnp.eye(T, dtype=x.dtype)
 
         def k_of(p):
             return p["L"] @ p["L"].T + jnp.diag(jnp.exp(p["log_kappa"]))
@@ -154,12 +155,43 @@ def _fit(args: argparse.Namespace) -> int:
         print(f"kronlik fit: error: the likelihood is not defined at the fitted point: {e}", file=sys.stderr)
         return 2
 
+    # Standard errors from the expected (Fisher) information at the fit, in float64, over the
+    # identifiable parameters: log ℓ, the entries K_ij (i ≤ j) and the log noise variances.
+    upper = np.triu_indices(D)
+    theta = {"K": jnp.asarray(np.asarray(K, np.float64)[upper]), "log_var": jnp.asarray(log_var, jnp.float64)}
+    if lengthscale is None:
+        m64 = jnp.asarray(M_given, jnp.float64)
+    else:
+        theta["log_ell"] = jnp.asarray(r.params["log_ell"], jnp.float64)
+        x64 = x.astype(jnp.float64)
+
+    def cov_fn(q):
+        k_upper = jnp.zeros((D, D), jnp.float64).at[upper].set(q["K"])
+        k = k_upper + k_upper.T - jnp.diag(jnp.diagonal(k_upper))
+        m = m64 if lengthscale is None else kernel(q["log_ell"], x64)
+        return m, k, jnp.diag(jnp.exp(q["log_var"]))
+
+    se = _std_errors(fisher_information(cov_fn, theta), theta)
     var = np.exp(np.asarray(log_var, np.float64))
-    print(f"\n{'output':<16} {'noise variance':>15} {'(data units)':>14} {'K diagonal':>11}")
+    var_data, var_data_se = var * scale**2, var * scale**2 * np.asarray(se["log_var"])
+    k_data = np.asarray(K, np.float64) * np.outer(scale, scale)
+    k_data_se = np.zeros((D, D))
+    k_data_se[upper] = np.asarray(se["K"])
+    k_data_se = (k_data_se + k_data_se.T - np.diag(np.diag(k_data_se))) * np.outer(scale, scale)
+    print("\nstandard errors (±) from the Fisher information at the fit; data units")
+    print(f"{'output':<16} {'noise variance':>26} {'K diagonal':>26}")
     for j, n in enumerate(names):
-        print(f"{n:<16} {var[j]:>15.4g} {var[j] * scale[j] ** 2:>14.4g} {float(K[j, j]):>11.4g}")
+        print(
+            f"{n:<16} {var_data[j]:>12.4g} ± {var_data_se[j]:<11.3g} {k_data[j, j]:>12.4g} ± {k_data_se[j, j]:<11.3g}"
+        )
+    for i, j in zip(*upper):
+        if i < j:
+            print(f"K[{names[i]}, {names[j]}] = {k_data[i, j]:.4g} ± {k_data_se[i, j]:.3g}")
+    lengthscale_se = None
     if lengthscale is not None:
-        print(f"RBF lengthscale over rows: {lengthscale:.4g} {'(time units)' if t is not None else '(rows)'}")
+        lengthscale_se = lengthscale * float(se["log_ell"])
+        units = "(time units)" if t is not None else "(rows)"
+        print(f"RBF lengthscale over rows: {lengthscale:.4g} ± {lengthscale_se:.3g} {units}")
     print(f"log-likelihood (standardised data): {L:.6f}")
     print(f"steps: {int(r.num_steps)}, converged: {bool(r.converged)}, time: {seconds:.2f} s")
     print(f"accuracy at the fit: {accuracy}")
@@ -175,7 +207,11 @@ def _fit(args: argparse.Namespace) -> int:
             "source": source,
             "outputs": names,
             "noise_variance_standardised": var.tolist(),
-            "noise_variance": (var * scale**2).tolist(),
+            "noise_variance": var_data.tolist(),
+            "noise_variance_se": var_data_se.tolist(),
+            "K": k_data.tolist(),
+            "K_se": k_data_se.tolist(),
+            "lengthscale_se": lengthscale_se,
             "log_var": np.asarray(log_var, np.float64).tolist(),
             "K_standardised": np.asarray(K, np.float64).tolist(),
             "lengthscale": lengthscale,

@@ -6,14 +6,16 @@ import dataclasses
 from collections.abc import Iterator
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
 from . import reference
 from ._checks import default_floating_dtype
 from ._validate import validate
+from .information import fisher_information, hessian_log_var
 from .reference import as_dense_arrays
-from .structured import grad_sigma, loglik
+from .structured import grad_log_var, grad_sigma, loglik
 
 Array = jax.Array
 
@@ -112,6 +114,11 @@ def check_gradients(
       ``|⟨g, V⟩ - FD| / (‖g‖ ‖V‖)`` (relative to the largest possible directional
       derivative, so a direction orthogonal to g does not divide by zero).
 
+    Second order: :func:`kronlik.fisher_information` in every entry of M, K and Σ against
+    ½ tr(U⁻¹UᵢU⁻¹Uⱼ) built densely; for a diagonal Σ also :func:`kronlik.hessian_log_var`
+    against ``jax.hessian`` of the dense reference and central differences of
+    :func:`kronlik.grad_log_var`.
+
     References run in float64 whenever ``jax_enable_x64`` is on (so a float32 kronlik
     is checked against float64 truth), otherwise in the inputs' dtype. Inputs are
     validated first (:func:`kronlik.validate`), so bad input raises ``ValueError``.
@@ -158,8 +165,43 @@ def check_gradients(
             worst = max(worst, err / scale if scale > 0 else err)
         checks.append(Check(name, "finite differences", worst, tol["finite differences"]))
 
-    checks.sort(key=lambda c: ("LYMKS".index(c.argument[0]), c.witness))
+    checks.extend(_second_order_checks(args, ref_args, tol))
+    checks.sort(key=lambda c: (("L", "Y", "M", "K", "Sigma", "Fisher", "log_var").index(c.argument), c.witness))
     return GradientReport(tuple(args[0].shape), dtype.name, ref_dtype.name, tuple(checks))
+
+
+def _second_order_checks(args, ref_args, tol) -> list[Check]:
+    """The Fisher information in every entry of M, K, Σ against ½ tr(U⁻¹UᵢU⁻¹Uⱼ) built densely;
+    for a diagonal Σ, the Hessian in s = log diag Σ against jax.hessian of the dense reference
+    and central differences of the hand-derived gradient (:func:`kronlik.grad_log_var`)."""
+    Y, M, K, Sigma = args
+    ref_dtype = ref_args[0].dtype
+
+    def cov_fn(p):
+        return p[0], p[1], p[2]
+
+    fisher = fisher_information(cov_fn, (M, K, Sigma))
+    flat, unravel = jax.flatten_util.ravel_pytree(ref_args[1:])
+    dense_u = lambda x: reference.dense_covariance(*unravel(x))  # noqa: E731
+    u_inv_du = jnp.einsum("ab,bci->aci", jnp.linalg.inv(dense_u(flat)), jax.jacfwd(dense_u)(flat))
+    dense_fisher = 0.5 * jnp.einsum("abi,baj->ij", u_inv_du, u_inv_du)
+    checks = [Check("Fisher", "dense formula", _max_rel(fisher, dense_fisher), tol["autodiff"])]
+    if not bool(jnp.all(Sigma == jnp.diag(jnp.diagonal(Sigma)))):
+        return checks
+    s = jnp.log(jnp.diagonal(Sigma))
+    hess = hessian_log_var(Y, M, K, s)
+    y, m, k, s_ref = ref_args[0], ref_args[1], ref_args[2], s.astype(ref_dtype)
+    dense_hess = jax.hessian(lambda q: reference.loglik(y, m, k, jnp.diag(jnp.exp(q))))(s_ref)
+    checks.append(Check("log_var", "Hessian autodiff", _max_rel(hess, dense_hess), tol["autodiff"]))
+    step = float(jnp.finfo(s.dtype).eps) ** (1 / 3)
+    grad = jax.jit(grad_log_var)
+    columns = [
+        (grad(Y, M, K, s + step * e) - grad(Y, M, K, s - step * e)) / (2 * step)
+        for e in jnp.eye(s.shape[0], dtype=s.dtype)
+    ]
+    fd = jnp.stack(columns, axis=1)
+    checks.append(Check("log_var", "Hessian fin. diff.", _max_rel(hess, fd), tol["finite differences"]))
+    return checks
 
 
 def demo_problems(dtype=None) -> dict[str, tuple[Array, Array, Array, Array]]:

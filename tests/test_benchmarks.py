@@ -38,3 +38,11 @@ def test_lowrank_benchmark_smoke():
 def test_peak_memory_smoke():
     result = _main("peak_memory.py")(["--T", "64", "--D", "4"])
     assert result["finite"] and result["peak_rss_MiB"] > 0
+
+
+def test_information_benchmark_smoke():
+    result = _main("information.py")(["--sizes", "16x3", "--repeats", "1", "--small"])
+    assert set(result["costs"][0]["ratio"]) >= {"hessian_log_var", "fisher_log_var"}
+    for fits in result["fits"].values():
+        assert fits["newton"]["converged"] and fits["lbfgs"]["converged"]
+        assert abs(fits["newton"]["loglik"] - fits["lbfgs"]["loglik"]) < 1e-6 * abs(fits["lbfgs"]["loglik"])

@@ -30,6 +30,37 @@ def test_fit_builtin_writes_json_and_plot(tmp_path, capsys):
     assert png.stat().st_size > 10_000
 
 
+def _check_standard_errors(fitted, t, Y):
+    import jax
+    import jax.numpy as jnp
+
+    from kronlik import reference
+
+    scale, D, T = np.array(fitted["column_std"]), Y.shape[1], Y.shape[0]
+    x = (t - t.min()) / (t.max() - t.min())
+    upper = np.triu_indices(D)
+    k_std = np.array(fitted["K_standardised"])
+
+    def dense_u(theta):  # θ = (log ℓ, K_ij for i ≤ j, log noise variances), standardised units
+        d = x[:, None] - x[None, :]
+        m = jnp.exp(-0.5 * d * d * jnp.exp(-2.0 * theta[0])) + 1e-6 * jnp.eye(T)
+        k = jnp.zeros((D, D)).at[upper].set(theta[1 : 1 + len(upper[0])])
+        k = k + k.T - jnp.diag(jnp.diagonal(k))
+        return reference.dense_covariance(m, k, jnp.diag(jnp.exp(theta[-D:])))
+
+    theta = jnp.concatenate(
+        [jnp.array([fitted["params"]["log_ell"]]), jnp.asarray(k_std[upper]), jnp.asarray(fitted["log_var"])]
+    )
+    u_inv_du = jnp.einsum("ab,bci->aci", jnp.linalg.inv(dense_u(theta)), jax.jacfwd(dense_u)(theta))
+    se = np.sqrt(np.diag(np.linalg.inv(0.5 * jnp.einsum("abi,baj->ij", u_inv_du, u_inv_du))))
+    span = t.max() - t.min()
+    np.testing.assert_allclose(fitted["lengthscale_se"], np.exp(theta[0]) * span * se[0], rtol=1e-6)
+    var = np.exp(np.array(fitted["log_var"]))
+    np.testing.assert_allclose(fitted["noise_variance_se"], var * scale**2 * se[-D:], rtol=1e-6)
+    k_se = np.array(fitted["K_se"])[upper] / np.outer(scale, scale)[upper]
+    np.testing.assert_allclose(k_se, se[1:-D], rtol=1e-6)
+
+
 def test_fit_user_csv_and_npz(tmp_path, capsys):
     rng = np.random.default_rng(0)
     t = np.linspace(0, 10, 60)
@@ -41,6 +72,8 @@ def test_fit_user_csv_and_npz(tmp_path, capsys):
     fitted = json.loads(out.read_text())
     assert fitted["outputs"] == ["a", "b"] and fitted["converged"]
     np.testing.assert_allclose(fitted["noise_variance"], 0.01, rtol=0.6)  # true noise sd 0.1
+    # the standard errors: the dense Fisher information at the written parameters, delta method
+    _check_standard_errors(fitted, t, Y)
     M = np.exp(-0.5 * (t[:, None] - t[None, :]) ** 2)
     npz = tmp_path / "data.npz"
     np.savez(npz, Y=Y, M=M, K=np.eye(2))

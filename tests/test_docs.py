@@ -29,7 +29,7 @@ def test_readme_python_blocks_run(capsys):
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
     first, second = (b.strip() for b in _blocks("bash")[:2])
     assert first.endswith("kronlik fit --plot fit.png")
-    assert second.endswith("python -m pytest -q")
+    assert second.endswith("python -m pytest -q -n 2")
     assert README.index(first) < README.index("## What it computes")
     assert second in (ROOT / ".ci" / "run").read_text()
 

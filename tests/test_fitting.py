@@ -1,6 +1,7 @@
 """Fitting: the cached log-variance loop, the joint-fit idiom, and the posterior predictive."""
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -207,3 +208,72 @@ def test_plateau_escape_is_what_finds_it():
     stuck = kronlik.fit(lambda s: -kronlik.loglik_diag(Y, M, K, s), jnp.zeros(2))
     best = kronlik.fit_log_var(Y, M, K, jnp.zeros(2))
     assert float(-stuck.value) < float(best.value) - 0.01
+
+
+def test_fit_log_var_standard_errors_observed_and_expected(rng):
+    K = np.eye(3) + 0.3
+    truth = np.log([0.2, 0.5, 1.0])
+    Y, M = _simulate(rng, 40, K, truth)
+    Y, M, K = jnp.asarray(Y), jnp.asarray(M), jnp.asarray(K)
+    observed = kronlik.fit_log_var(Y, M, K, jnp.zeros(3))
+    s = observed.params
+    dense_hessian = jax.hessian(lambda q: reference.loglik(Y, M, K, jnp.diag(jnp.exp(q))))(s)
+    assert max_rel(observed.information, -dense_hessian) < 1e-8  # at the fitted point
+    np.testing.assert_allclose(observed.std_errors, np.sqrt(np.diag(np.linalg.inv(-dense_hessian))), rtol=1e-8)
+    expected = kronlik.fit_log_var(Y, M, K, jnp.zeros(3), information="expected")
+    U_inv = jnp.linalg.inv(reference.dense_covariance(M, K, jnp.diag(jnp.exp(s))))
+    blocks = [jnp.kron(jnp.eye(40), jnp.diag(jnp.exp(s) * e)) for e in jnp.eye(3)]
+    fisher = jnp.array([[0.5 * jnp.trace(U_inv @ a @ U_inv @ b) for b in blocks] for a in blocks])
+    assert max_rel(expected.information, fisher) < 1e-8
+    np.testing.assert_allclose(expected.std_errors, np.sqrt(np.diag(np.linalg.inv(fisher))), rtol=1e-8)
+    with pytest.raises(ValueError, match="information must be"):
+        kronlik.fit_log_var(Y, M, K, jnp.zeros(3), information="fisher")
+
+
+def test_fit_with_cov_fn_gives_fisher_standard_errors(rng):
+    K = np.eye(2) + 0.5
+    Y, _ = _simulate(rng, 30, K, np.log([0.3, 0.6]), ell=0.2)
+    t = jnp.linspace(0.0, 1.0, 30)
+
+    def cov_fn(p):
+        return _rbf(t, p["log_ell"]) + 1e-6 * jnp.eye(30), jnp.asarray(K), jnp.diag(jnp.exp(p["log_var"]))
+
+    def loss(p):
+        return -kronlik.loglik(jnp.asarray(Y), *cov_fn(p))
+
+    params = {"log_ell": jnp.asarray(jnp.log(0.3)), "log_var": jnp.zeros(2)}
+    result = kronlik.fit(loss, params, cov_fn=cov_fn)
+    flat, _ = jax.flatten_util.ravel_pytree(result.params)
+
+    def dense_u(x):
+        return reference.dense_covariance(*cov_fn({"log_ell": x[0], "log_var": x[1:]}))
+
+    du, u_inv = jax.jacfwd(dense_u)(flat), jnp.linalg.inv(dense_u(flat))
+    fisher = 0.5 * jnp.einsum("abi,baj->ij", jnp.einsum("ab,bci->aci", u_inv, du), jnp.einsum("ab,bci->aci", u_inv, du))
+    assert max_rel(result.information, fisher) < 1e-8
+    se = np.sqrt(np.diag(np.linalg.inv(fisher)))
+    np.testing.assert_allclose(result.std_errors["log_ell"], se[0], rtol=1e-8)
+    np.testing.assert_allclose(result.std_errors["log_var"], se[1:], rtol=1e-8)
+
+
+def test_newton_and_fisher_scoring_reach_the_lbfgs_optimum(rng):
+    K = np.eye(3) + 0.3
+    Y, M = _simulate(rng, 40, K, np.log([0.2, 0.5, 1.0]))
+    Y, M, K = jnp.asarray(Y), jnp.asarray(M), jnp.asarray(K)
+    lbfgs = kronlik.fit_log_var(Y, M, K, jnp.zeros(3))
+    newton = kronlik.fit_log_var(Y, M, K, jnp.zeros(3), method="newton")
+    assert newton.converged and int(newton.num_steps) <= int(lbfgs.num_steps)
+    assert abs(float(newton.value - lbfgs.value)) < 1e-9 * abs(float(lbfgs.value))
+    assert float(jnp.max(jnp.abs(kronlik.grad_log_var(Y, M, K, newton.params)))) < 1e-8
+    with pytest.raises(ValueError, match="method must be"):
+        kronlik.fit_log_var(Y, M, K, jnp.zeros(3), method="bfgs")
+    with pytest.raises(ValueError, match="chooses its own optimizer"):
+        kronlik.fit_log_var(Y, M, K, jnp.zeros(3), optax.adam(0.1), method="newton")
+    # Fisher scoring through kronlik.fit: the same optimum from the expected information
+    cov_fn = lambda p: (M, K, jnp.diag(jnp.exp(p["s"])))  # noqa: E731
+    scoring = optax.chain(
+        kronlik.fitting.information_step(lambda p: kronlik.fisher_information(cov_fn, p)),
+        optax.scale_by_backtracking_linesearch(max_backtracking_steps=40),
+    )
+    result = kronlik.fit(lambda p: -kronlik.loglik(Y, *cov_fn(p)), {"s": jnp.zeros(3)}, scoring, tol=1e-9)
+    assert result.converged and abs(float(-result.value - lbfgs.value)) < 1e-9 * abs(float(lbfgs.value))

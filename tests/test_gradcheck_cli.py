@@ -25,6 +25,21 @@ def test_demo_problems_pass(dtype):
             assert report.max_error(arg, "finite differences") < 10 * limit
         text = str(report)
         assert "finite differences" in text and text.endswith("PASS")
+        # second order: the Fisher information always, the log-variance Hessian for a diagonal Σ
+        assert report.max_error("Fisher", "dense formula") < limit
+        if name != "smooth":  # the problems with a diagonal Σ
+            assert report.max_error("log_var", "Hessian autodiff") < limit
+            assert report.max_error("log_var", "Hessian fin. diff.") < 1e3 * limit
+
+
+def test_a_wrong_second_derivative_is_caught(monkeypatch):
+    def off_by_one_percent(Y, M, K, log_var):
+        return 1.01 * kronlik.hessian_log_var(Y, M, K, log_var)
+
+    monkeypatch.setattr(gradcheck, "hessian_log_var", off_by_one_percent)
+    report = kronlik.check_gradients(*gradcheck.demo_problems()["degenerate"])
+    failed = {(c.argument, c.witness) for c in report if not c.passed}
+    assert failed == {("log_var", "Hessian autodiff"), ("log_var", "Hessian fin. diff.")}
 
 
 def _loglik_with_wrong_k_gradient(Y, M, K, Sigma):
