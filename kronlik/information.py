@@ -208,13 +208,15 @@ def fisher_log_var(M: MForm, K: Array, log_var: Array, *, eigh_dtype: str | None
 def hessian_log_var(Y: Array, M: MForm, K: Array, log_var: Array, *, eigh_dtype: str | None = None) -> Array:
     r"""The (D, D) Hessian of :func:`kronlik.loglik_diag` in s, Σ = diag(eˢ), in closed form.
 
-    With g = ∂L/∂s (:func:`kronlik.grad_log_var`), X̃ = (V ⊗ I)ᵀ W P̃ᵀ the solve W = unvec(U⁻¹v)
-    in M's eigenbasis (so X̃ = A P̃ᵀ, A = Vᵀ W P) and G̃_t as in :func:`fisher_log_var`:
+    With g = ∂L/∂s (:func:`kronlik.grad_log_var`), A = Vᵀ W P the solve W = unvec(U⁻¹v) in the
+    eigenbasis (r, D), X̃ = A P̃ᵀ (so that e^{s_d} (VᵀW)²_td = w_d X̃²_td) and G̃_t as in
+    :func:`fisher_log_var`:
 
         ∂²L/∂s_d∂s_e = δ_de g_d + w_d w_e [½ Σ_t (G̃_t)²_de - Σ_t X̃_td X̃_te (G̃_t)_de],
 
-    the derivative of g_d = e^{s_d} (∂L/∂Σ)_dd through U⁻¹ (−U⁻¹ dΣ U⁻¹) and W (−U⁻¹ dΣ W).
-    Its expectation under the model is −:func:`fisher_log_var`. Cost O(T D³) after the
+    the derivative of g_d = e^{s_d} (∂L/∂Σ)_dd through U⁻¹ (−U⁻¹ dΣ U⁻¹) and W (−U⁻¹ dΣ W). The
+    diagonal is summed in an equivalent form without cancellation (see the code). Its expectation
+    under the model is −:func:`fisher_log_var`. Cost O(T D³) after the
     factorisation; no eigendecomposition is differentiated, so it is exact at repeated
     eigenvalues. −H at the maximum is the observed information.
 
