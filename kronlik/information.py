@@ -136,16 +136,15 @@ def fisher_information(cov_fn: Callable[[Any], tuple], params: Any, *, eigh_dtyp
         M, K, Sigma = cov_fn(unravel(x))
         return as_form(M), K, Sigma
 
-    form, K, Sigma = dense_cov(flat)
-    T = jax.tree_util.tree_leaves(form)[0].shape[0]
-    _, form, K, noise = prepare(jnp.zeros((T, jnp.shape(K)[0]), flat.dtype), form, K, Sigma, FullNoise)
+    form, K, noise = _prepare_covariance(*dense_cov(flat), FullNoise)
 
-    def tangents(direction):
-        def arrays(x):
-            m, k, s = dense_cov(x)
-            return m.dense(), k, s
+    def tangents(select):
+        # Tangents of select(form of M, K, Σ) along a batch of directions; under jit, what is not
+        # selected is never computed (M's (T, T) tangent only for the directions that move it).
+        def along(direction):
+            return jax.jvp(lambda x: select(*dense_cov(x)), (flat,), (direction,))[1]
 
-        return jax.jvp(arrays, (flat,), (direction,))[1]
+        return jax.jit(jax.vmap(along))
 
     # Which parameters move M, from the dataflow of cov_fn's tangent at trace time, leaf by leaf
     # of the params pytree: only their directions pay for a (T, T) tangent and its rotation.
@@ -160,20 +159,27 @@ def fisher_information(cov_fn: Callable[[Any], tuple], params: Any, *, eigh_dtyp
     moving = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in sorted(by_leaf)] + [np.zeros(0, int)])
     moving = jnp.asarray(moving, dtype=int)
     directions = jnp.eye(flat.shape[0], dtype=flat.dtype)
-    _, dk, ds = jax.vmap(tangents)(directions)
-    dm = jax.vmap(lambda d: tangents(d)[0])(directions[moving])
+    dk, ds = tangents(lambda m, k, s: (k, s))(directions)
+    dm = tangents(lambda m, k, s: m.dense())(directions[moving])
     sym = lambda a: 0.5 * (a + jnp.swapaxes(a, 1, 2))  # noqa: E731 (U is built from the symmetric parts)
     f = factor(form, K, noise, check_eigh_dtype(eigh_dtype))
     return _fisher_in_basis(f, sym(dk), sym(ds), moving, sym(dm))
 
 
+def _prepare_covariance(M, K, noise, noise_model) -> tuple:
+    """(form of M, K, noise model) with the dtype and shape checks of the likelihood, without a Y."""
+    leaves = jax.tree_util.tree_leaves(as_form(M))
+    sized_by = noise if noise_model is LogVarNoise else K  # D as the public function's docs say
+    T, D = (leaves[0].shape[0] if leaves else 0), (jnp.shape(sized_by)[0] if jnp.ndim(sized_by) else 0)
+    _, form, K, noise = prepare(jnp.zeros((T, D), jnp.asarray(noise).dtype), M, K, noise, noise_model)
+    return form, K, noise
+
+
 def _log_var_factors(Y, M, K, log_var, eigh_dtype) -> tuple[Factors, LogVarNoise, Array, Array]:
-    log_var = jnp.asarray(log_var)
-    if Y is None:  # only the shapes and dtypes of Y are checked
-        form = as_form(M)
-        T = jax.tree_util.tree_leaves(form)[0].shape[0] if jax.tree_util.tree_leaves(form) else 0
-        Y = jnp.zeros((T, log_var.shape[0] if log_var.ndim == 1 else 0), log_var.dtype)
-    Y, form, K, noise = prepare(Y, M, K, log_var, LogVarNoise)
+    if Y is None:
+        form, K, noise = _prepare_covariance(M, K, log_var, LogVarNoise)
+    else:
+        Y, form, K, noise = prepare(Y, M, K, log_var, LogVarNoise)
     return factor(form, K, noise, check_eigh_dtype(eigh_dtype)), noise, Y, K
 
 

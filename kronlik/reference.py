@@ -27,7 +27,16 @@ from .forms import Dense
 
 Array = jax.Array
 
-__all__ = ["as_dense_arrays", "dense_covariance", "loglik", "blockdiag_sum", "grad_sigma", "exact", "Exact"]
+__all__ = [
+    "as_dense_arrays",
+    "dense_covariance",
+    "loglik",
+    "blockdiag_sum",
+    "grad_sigma",
+    "fisher_information",
+    "exact",
+    "Exact",
+]
 
 
 def _sym(a: Array) -> Array:
@@ -102,6 +111,24 @@ def _grad_sigma(Y: Array, M: Array, K: Array, Sigma: Array) -> Array:
 def grad_sigma(Y: Array, M: Array, K: Array, Sigma: Array) -> Array:
     """∂L/∂Σ = ½ (C - B) built literally: B and C are block-diagonal sums of U⁻¹ and U⁻¹vvᵀU⁻¹."""
     return _grad_sigma(*as_dense_arrays(Y, M, K, Sigma))
+
+
+def fisher_information(cov_fn, params) -> Array:
+    """½ tr(U⁻¹ ∂ᵢU U⁻¹ ∂ⱼU) over the ``ravel_pytree`` scalars of ``params``, from the dense U.
+
+    ``cov_fn(params)`` returns (M, K, Σ), M as a (T, T) array or any form (its ``dense()``);
+    ∂ᵢU is ``jax.jacfwd`` of the (TD, TD) matrix.
+    """
+    import jax.flatten_util
+
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+
+    def dense_u(x):
+        M, K, Sigma = cov_fn(unravel(x))
+        return dense_covariance(M.dense() if hasattr(M, "dense") else M, K, Sigma)
+
+    u_inv_du = jnp.einsum("ab,bci->aci", jnp.linalg.inv(dense_u(flat)), jax.jacfwd(dense_u)(flat))
+    return 0.5 * jnp.einsum("abi,baj->ij", u_inv_du, u_inv_du)
 
 
 class Exact(NamedTuple):

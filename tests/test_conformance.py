@@ -10,7 +10,6 @@ reference: κ·eps32 ≈ 1e-5 at worst here, so 2e-4.
 """
 
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -151,19 +150,6 @@ def test_vmap_over_a_batch_of_everything(form_name):
         _assert_close(jax.tree_util.tree_map(lambda g, b=b: g[b], grads), ref_grads, 1e-10, "vmap")
 
 
-def _dense_fisher(cov_fn, params):
-    """½ tr(U⁻¹ ∂ᵢU U⁻¹ ∂ⱼU) from the TD×TD matrix and jax.jacfwd of it."""
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-
-    def dense_u(x):
-        M, K, Sigma = cov_fn(unravel(x))
-        return reference.dense_covariance(_dense_of(M), K, Sigma)
-
-    du = jax.jacfwd(dense_u)(flat)  # (TD, TD, P)
-    u_inv_du = jnp.einsum("ab,bcp->acp", jnp.linalg.inv(dense_u(flat)), du)
-    return 0.5 * jnp.einsum("abi,baj->ij", u_inv_du, u_inv_du)
-
-
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("noise_name", list(NOISE))
 @pytest.mark.parametrize("form_name", list(FORMS))
@@ -177,7 +163,7 @@ def test_fisher_information_in_every_array(form_name, noise_name, dtype):
 
     params = {"M": M, "K": K, "noise": noise}
     got = jax.jit(lambda p: kronlik.fisher_information(cov_fn, p))(_cast(params, dtype))
-    want = _dense_fisher(cov_fn, params)
+    want = reference.fisher_information(cov_fn, params)
     assert got.dtype == dtype
     _assert_close(got, want, TOL[dtype], f"{form_name}/{noise_name}/{dtype} Fisher")
 
@@ -189,7 +175,7 @@ def test_log_var_information(form_name, dtype):
     # of the dense reference.
     Y, M, K, s = _problem(form_name, "log_var", seed=6)
     low = _cast((Y, M, K, s), dtype)
-    fisher = _dense_fisher(lambda q: (M, K, _sigma("log_var", q)), s)
+    fisher = reference.fisher_information(lambda q: (M, K, _sigma("log_var", q)), s)
     _assert_close(jax.jit(kronlik.fisher_log_var)(*low[1:]), fisher, TOL[dtype], "fisher_log_var")
     hessian = jax.hessian(_reference_loglik("log_var"), argnums=3)(Y, M, K, s)
     _assert_close(jax.jit(kronlik.hessian_log_var)(*low), hessian, TOL[dtype], "hessian_log_var")
