@@ -91,7 +91,9 @@ class Pencil(NamedTuple):
     noise_trace: Array  # () trace Σ̂ for a full Σ; 0 for diagonal noise, which enters exactly
 
 
-def _pencil(k: PSDFactor, log_s_noise: Array, scaled_noise_factor, alpha: Array, exact_nu: bool) -> tuple:
+def _pencil(
+    k: PSDFactor, log_s_noise: Array, scaled_noise_factor, alpha: Array, exact_nu: bool, ok_noise: Array
+) -> Pencil:
     """The pencil from K's factor, log diag Σ, and D ↦ D⁻¹ F_Σ (the noise's scaled factor)."""
     D = log_s_noise.shape[0]
     log_alpha = jnp.log(alpha)
@@ -116,20 +118,21 @@ def _pencil(k: PSDFactor, log_s_noise: Array, scaled_noise_factor, alpha: Array,
     logdet_s = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol))) + jnp.sum(log_diag_s)
     p = p_scaled * jnp.exp(-0.5 * log_diag_s)[:, None]
     weight = jnp.exp(log_s_noise - log_diag_s)
-    return (
-        p,
-        p_scaled,
-        rho,
-        rho / alpha,
-        nu,
-        weight,
-        logdet_s,
-        k.ok,
-        ok_s,
-        rho_resolved,
-        nu_resolved,
-        k_trace,
-        noise_trace,
+    return Pencil(
+        p=p,
+        p_scaled=p_scaled,
+        rho=rho,
+        kappa=rho / alpha,
+        nu=nu,
+        noise_weight=weight,
+        logdet_s=logdet_s,
+        ok_k=k.ok,
+        ok_noise=ok_noise,
+        ok_s=ok_s,
+        rho_resolved=rho_resolved,
+        nu_resolved=nu_resolved,
+        k_trace=k_trace,
+        noise_trace=noise_trace,
     )
 
 
@@ -151,8 +154,7 @@ class FullNoise(NamedTuple):
         def scaled(log_diag_s):
             return s.factor * jnp.exp(-0.5 * log_diag_s)[:, None]
 
-        p, ps, rho, kappa, nu, w, logdet_s, ok_k, ok_s, rr, nr, kt, nt = _pencil(k, log_s_noise, scaled, alpha, False)
-        return Pencil(p, ps, rho, kappa, nu, w, logdet_s, ok_k, s.ok, ok_s, rr, nr, kt, nt)
+        return _pencil(k, log_s_noise, scaled, alpha, False, s.ok)
 
     def diagonal(self) -> Array:
         return jnp.diagonal(self.sigma)
@@ -180,8 +182,7 @@ class LogVarNoise(NamedTuple):
         def scaled(log_diag_s):
             return jnp.diag(jnp.exp(0.5 * (self.log_var - log_diag_s)))
 
-        p, ps, rho, kappa, nu, w, logdet_s, ok_k, ok_s, rr, nr, kt, nt = _pencil(k, self.log_var, scaled, alpha, True)
-        return Pencil(p, ps, rho, kappa, nu, w, logdet_s, ok_k, jnp.array(True), ok_s, rr, nr, kt, nt)
+        return _pencil(k, self.log_var, scaled, alpha, True, jnp.array(True))
 
     def diagonal(self) -> Array:
         return jnp.exp(self.log_var)
