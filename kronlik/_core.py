@@ -25,7 +25,8 @@ in the pencil basis (Ŝ, K̂ are D×D; every gradient is P (·) Pᵀ of one of t
 Only E appears in a denominator, never an eigenvalue gap, so every gradient is exact where
 eigenvalues repeat (M = I, Σ = cI, K = 0).
 The factorisation itself is never differentiated: :func:`factor` refuses forward and reverse
-derivatives with a clear error (the derivatives that would need them are second order).
+derivatives with a clear error. Second order (:func:`second_order`, below) is hand-derived in the
+same basis, so only a third derivative in M, K or Σ would need one.
 
 Validity: one definition, :class:`Flags`, computed here and explained by :func:`kronlik.validate`.
 """
@@ -46,10 +47,11 @@ Noise = FullNoise | LogVarNoise
 
 _NOT_DIFFERENTIABLE = (
     "kronlik does not differentiate its eigendecompositions (their derivative divides by eigenvalue "
-    "gaps: NaN or wrong where eigenvalues repeat). This derivative needs one: a derivative of "
-    "kronlik.solve, grad_sigma, grad_log_var, predict or factorize with respect to M, K or the noise, "
-    "or a second derivative (jax.hessian, grad of grad, jvp) of the likelihood. Exact second order "
-    "is not available yet; first derivatives of loglik and loglik_diag are, in every argument."
+    "gaps: NaN or wrong where eigenvalues repeat). Its hand-derived rules give the first and second "
+    "derivatives of loglik, loglik_diag and loglik_diag_rotated, and the first derivatives of solve, "
+    "grad_sigma, grad_log_var and predict, in every argument; this derivative needs more: a third or "
+    "higher derivative of the likelihood (a second of those helpers) in M, K or the noise, or a "
+    "derivative of factorize."
 )
 
 
@@ -196,3 +198,152 @@ def backward(f: Factors, s: Solved, g: Array) -> Cotangents:
 def nan_unless(ok: Array, x: Array) -> Array:
     """x where ok, NaN elsewhere: the helpers' way to never return a finite number for bad input."""
     return jnp.where(ok, x, jnp.nan)
+
+
+def noise_weights(f: Factors) -> tuple[Array, Array, Array, Array]:
+    """h = 1/E (r, D), and the D×D weights Ω₀, Ω₁, Ω₂ = hᵀ diag(λᵖ) h (complement in Ω₀).
+
+    (Ω_p)_jk = tr(f_j Mᵖ f_k) for f_j = (κ_j M + ν_j I)⁻¹, the j-th block of U⁻¹ in the basis I ⊗ P.
+    """
+    h, lam, nu = f.inv_e, f.basis.lam, f.pencil.nu
+    omega0 = h.T @ h
+    if f.num_complement():
+        inv_nu = 1.0 / nu
+        omega0 = omega0 + f.num_complement() * jnp.outer(inv_nu, inv_nu)
+    return h, omega0, h.T @ (lam[:, None] * h), h.T @ ((lam * lam)[:, None] * h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Second order. In the basis I ⊗ P, U = M ⊗ diag(κ) + I ⊗ diag(ν) splits into D blocks
+# U_j = κ_j M + ν_j I with inverses f_j = V diag(1/E_·j) Vᵀ + Π/ν_j (Π = I - VVᵀ), and a
+# direction (dY, dM, dK, dΣ) moves it by dU_jk = δ_jk κ_j dM + K̃_jk M + S̃_jk I (K̃ = PᵀdKP,
+# S̃ = PᵀdΣP). The gradients are ∂L/∂Y = -R Pᵀ, ∂L/∂Σ = P Ŝ Pᵀ, ∂L/∂K = P K̂ Pᵀ and
+# ∂L/∂M = ½ (R diag(κ) Rᵀ - Σ_j κ_j f_j) (module docstring), so with dR = F (dY P - dU R),
+#
+#   dŜ = ½ (dRᵀR + RᵀdR + [tr(f_j dU_jk f_k)]_jk)
+#   dK̂ = ½ (dAᵀΛA + AᵀΛdA + RᵀdM R - diag(tr(f_j dM)) + [tr(M f_j dU_jk f_k)]_jk)
+#   d∂L/∂M = ½ (dR κ Rᵀ + R κ dRᵀ + R K̃ Rᵀ - Σ_j K̃_jj f_j + Σ_j κ_j f_j dU_jj f_j),
+#
+# every trace a sum over t of products of 1/E (noise_weights): the only denominators are E and
+# ν, never an eigenvalue gap, so the second derivatives are exact where eigenvalues repeat. The
+# form of M and the noise model then add the curvature of their parametrisation.
+# ---------------------------------------------------------------------------------------------
+
+
+class Direction(NamedTuple):
+    """A direction (dY, dM, dK, dΣ) in the eigenbasis; None where that input does not move."""
+
+    y: Array | None  # (T, D) dY P
+    m_r: Array | None  # (T, D) dM R
+    m_rot: Array | None  # (r, r) Vᵀ dM V, or its diagonal (T,) when V = I
+    m_cross: Array | None  # (T, r) Π dM V, only where V is thin (Π dM Π = 0 is assumed there)
+    m_trace_perp: Array | None  # () tr(Π dM), only where V is thin
+    k: Array | None  # (D, D) K̃ = Pᵀ dK P
+    s: Array | None  # (D, D) S̃ = Pᵀ dΣ P
+
+
+class MPairing(NamedTuple):
+    r"""A symmetric (T, T) matrix G, given by what ⟨G, M'⟩ needs (never formed):
+
+        ⟨G, M'⟩ = Σ left ⊙ (M' right) + Σ x ⊙ (Vᵀ M' V) + c tr(Π M') + Σ cross ⊙ (M' V),
+
+    for x (r, r) (or its diagonal where V = I) and cross (T, r) or None. The gradient in a
+    form's arrays of ⟨G, M(arrays)⟩ is that form's cotangent for ∂L/∂M = G.
+    """
+
+    left: Array  # (T, D)
+    right: Array  # (T, D)
+    x: Array
+    c: Array | None
+    cross: Array | None
+
+    def __call__(self, basis: Basis, form) -> Array:
+        value = jnp.sum(self.left * form.matmul(self.right))
+        rotated = form.rotated(basis)
+        x = self.x if rotated.ndim == self.x.ndim else jnp.diagonal(self.x)
+        value = value + jnp.sum(x * rotated)
+        if self.c is not None:
+            value = value + self.c * (form.trace() - jnp.trace(rotated))
+        if self.cross is not None:
+            value = value + jnp.sum(self.cross * form.matmul(basis.vectors))
+        return value
+
+
+def m_gradient(f: Factors, s: Solved) -> MPairing:
+    """∂L/∂M = ½ (R diag(κ) Rᵀ - V diag(a) Vᵀ - c₀ Π) as an :class:`MPairing`."""
+    r, kappa = solve_in_pencil_basis(f, s), f.pencil.kappa
+    a = f.inv_e @ kappa
+    x = -0.5 * (a if f.basis.vectors is None else jnp.diag(a))
+    c = -0.5 * jnp.sum(kappa / f.pencil.nu) if f.num_complement() else None
+    return MPairing(0.5 * r * kappa[None, :], r, x, c, None)
+
+
+class SecondOrder(NamedTuple):
+    """The tangents of the gradients along a :class:`Direction`, before the forms' curvature."""
+
+    r: Array  # (T, D) dR: the tangent of W is dR Pᵀ
+    s_hat: Array  # (D, D) dŜ: of ∂L/∂Σ, P dŜ Pᵀ
+    k_hat: Array  # (D, D) dK̂: of ∂L/∂K, P dK̂ Pᵀ
+    m: MPairing  # of ∂L/∂M
+
+
+def _diag_or_zero(x: Array | None, n: int, dtype) -> Array:
+    return jnp.zeros((n,), dtype) if x is None else (x if x.ndim == 1 else jnp.diagonal(x))
+
+
+def solution_tangent(f: Factors, s: Solved, d: Direction) -> Array:
+    """dR = dW P = F (dY P - dU_P R) for dU_P R = dM R diag(κ) + M R K̃ + R S̃ (T, D)."""
+    r, lam, kappa = solve_in_pencil_basis(f, s), f.basis.lam, f.pencil.kappa
+    x = jnp.zeros_like(r) if d.y is None else d.y
+    if d.m_r is not None:
+        x = x - d.m_r * kappa[None, :]
+    if d.k is not None:
+        x = x - f.basis.unrotate(lam[:, None] * s.a) @ d.k
+    if d.s is not None:
+        x = x - r @ d.s
+    x_rot = f.basis.rotate(x)
+    dr = f.basis.unrotate(x_rot * f.inv_e)
+    if f.num_complement():
+        dr = dr + (x - f.basis.unrotate(x_rot)) / f.pencil.nu[None, :]
+    return dr
+
+
+def second_order(f: Factors, s: Solved, d: Direction) -> SecondOrder:
+    """The tangents of the hand-derived gradients along ``d`` (the block comment above)."""
+    lam, kappa, nu = f.basis.lam, f.pencil.kappa, f.pencil.nu
+    h, omega0, omega1, omega2 = noise_weights(f)
+    h2, dtype, D = h * h, lam.dtype, kappa.shape[0]
+    r = solve_in_pencil_basis(f, s)
+    dr = solution_tangent(f, s, d)
+    da = f.basis.rotate(dr)
+    m_diag = _diag_or_zero(d.m_rot, lam.shape[0], dtype)
+    k_diag, s_diag = _diag_or_zero(d.k, D, dtype), _diag_or_zero(d.s, D, dtype)
+    tr_perp = jnp.zeros((), dtype) if d.m_trace_perp is None else d.m_trace_perp
+    n_perp = f.num_complement()
+    inv_nu = 1.0 / nu
+
+    # Each of dŜ, dK̂ is H + Hᵀ for the half H built here (dRᵀR + RᵀdR from ½ dRᵀR, ...).
+    s_half = 0.5 * (dr.T @ r) + 0.25 * jnp.diag(kappa * (m_diag @ h2 + tr_perp * inv_nu * inv_nu))
+    k_diag_terms = kappa * ((lam * m_diag) @ h2) - m_diag @ h - (tr_perp * inv_nu if n_perp else 0.0)
+    k_half = 0.5 * (da.T @ (lam[:, None] * s.a)) + 0.25 * jnp.diag(k_diag_terms)
+    if d.m_r is not None:
+        k_half = k_half + 0.25 * (r.T @ d.m_r)
+    if d.k is not None:
+        s_half, k_half = s_half + 0.25 * d.k * omega1, k_half + 0.25 * d.k * omega2
+    if d.s is not None:
+        s_half, k_half = s_half + 0.25 * d.s * omega0, k_half + 0.25 * d.s * omega1
+
+    # ∂L/∂M: the parts of ½ Σ_j (κ_j f_j dU_jj f_j - K̃_jj f_j) on span(V), on Π, and between them.
+    hk = h * kappa[None, :]
+    x_diag = 0.5 * (lam * (h2 @ (kappa * k_diag)) + h2 @ (kappa * s_diag) - h @ k_diag)
+    if f.basis.vectors is None:
+        x = x_diag + (0.0 if d.m_rot is None else 0.5 * d.m_rot * jnp.sum(hk * hk, axis=1))
+    else:
+        x = jnp.diag(x_diag) + (0.0 if d.m_rot is None else 0.5 * d.m_rot * (hk @ hk.T))
+    c = cross = None
+    if n_perp:
+        c = 0.5 * (jnp.sum(kappa * s_diag * inv_nu * inv_nu) - jnp.sum(k_diag * inv_nu))
+        if d.m_cross is not None:
+            cross = d.m_cross * (h @ (kappa * kappa * inv_nu))[None, :]
+    left = dr * kappa[None, :] + (0.0 if d.k is None else 0.5 * r @ d.k)
+    return SecondOrder(dr, s_half + s_half.T, k_half + k_half.T, MPairing(left, r, x, c, cross))

@@ -163,6 +163,16 @@ class FullNoise(NamedTuple):
         """g·∂L/∂Σ = P Ŝ Pᵀ for Ŝ the cotangent in the pencil basis."""
         return FullNoise(_sym(pencil.p @ s_hat @ pencil.p.T))
 
+    @staticmethod
+    def rotated_tangent(pencil: Pencil, tangent: FullNoise) -> Array:
+        """S̃ = Pᵀ dΣ P, (D, D): a direction of Σ in the pencil basis."""
+        return pencil.p.T @ _sym(tangent.sigma) @ pencil.p
+
+    @staticmethod
+    def curvature(tangent: FullNoise, cotangent: FullNoise) -> None:
+        """Σ is linear in its array: no second-derivative term."""
+        return None
+
 
 class LogVarNoise(NamedTuple):
     """Σ = diag(exp(log_var)); every quantity is formed from log_var, so any finite value is usable."""
@@ -191,3 +201,14 @@ class LogVarNoise(NamedTuple):
         """g·∂L/∂s = eˢ ⊙ diag(P Ŝ Pᵀ) = (Σ_dd/S_dd) ⊙ diag(P̃ Ŝ P̃ᵀ): no eˢ, finite for any finite s."""
         ps = pencil.p_scaled
         return LogVarNoise(pencil.noise_weight * jnp.sum((ps @ s_hat) * ps, axis=1))
+
+    @staticmethod
+    def rotated_tangent(pencil: Pencil, tangent: LogVarNoise) -> Array:
+        """S̃ = Pᵀ diag(eˢ ⊙ ds) P = P̃ᵀ diag((Σ_dd/S_dd) ⊙ ds) P̃, (D, D): no eˢ is formed."""
+        ps = pencil.p_scaled
+        return ps.T @ ((pencil.noise_weight * tangent.log_var)[:, None] * ps)
+
+    @staticmethod
+    def curvature(tangent: LogVarNoise, cotangent: LogVarNoise) -> LogVarNoise:
+        """The term of Σ = diag(eˢ) being curved: d(eˢ ⊙ g_Σ) ∋ ds ⊙ eˢ ⊙ g_Σ = ds ⊙ ∂L/∂s."""
+        return LogVarNoise(tangent.log_var * cotangent.log_var)

@@ -1,7 +1,7 @@
 r"""The forms in which M can be given, and what each contributes to the one structured core.
 
 Every form is a small NamedTuple of arrays (so a pytree: it passes through ``jax.jit``,
-``jax.vmap`` and ``jax.grad``, whose cotangent for it has the same form) with five methods:
+``jax.vmap`` and ``jax.grad``, whose cotangent for it has the same form) with these methods:
 
 * ``arrays()``: its arrays by name (``"M"``, ``"M.vectors"``, ...), for dtype checks and messages;
 * ``check_shape(y_shape)``: raise ``ValueError`` at trace time unless it is (T, T) for Y of shape (T, D);
@@ -9,7 +9,12 @@ Every form is a small NamedTuple of arrays (so a pytree: it passes through ``jax
   where V has fewer than T columns, M is zero on the complement of span(V) (there λ = 0); a
   form that decomposes M computes it in ``eigh_dtype`` (None: M's dtype) and rounds the result;
 * ``cotangent(basis, ct)``: the form's own cotangent given ∂L/∂M as an :class:`MCotangent`;
-* ``dense()``: M as a (T, T) array (for references and small problems).
+* ``dense()``: M as a (T, T) array (for references and small problems);
+* ``matmul(X)``, ``rotated(basis)``, ``trace()``: M X, Vᵀ M V (the diagonal, (T,), for a basis
+  with V = I) and tr M as plain functions of the form's arrays. The second-order rules take the
+  tangent of M along a direction, and the form's part of a Hessian-vector product, from
+  ``jax.jvp`` / ``jax.grad`` of these (they are polynomial in the arrays: no eigendecomposition
+  is differentiated). ``linear`` says M is linear in the arrays (its second derivative vanishes).
 
 The core (:mod:`kronlik._core`) never looks at the form otherwise. A new form (say M = M₁ ⊗ M₂)
 is one class here plus one entry in ``FORMS`` and in the conformance test's list.
@@ -173,6 +178,17 @@ class Dense(NamedTuple):
     def dense(self) -> Array:
         return self.matrix
 
+    linear = True
+
+    def matmul(self, X: Array) -> Array:
+        return 0.5 * (self.matrix @ X + self.matrix.T @ X)  # the symmetrised M, as eigh sees it
+
+    def rotated(self, basis: Basis) -> Array:
+        return basis.vectors.T @ self.matmul(basis.vectors)
+
+    def trace(self) -> Array:
+        return jnp.trace(self.matrix)
+
 
 class EighFactor(NamedTuple):
     """M = vectors @ diag(values) @ vectors.T, as :func:`kronlik.factorize` returns it.
@@ -207,6 +223,18 @@ class EighFactor(NamedTuple):
 
     def dense(self) -> Array:
         return (self.vectors * self.values[None, :]) @ self.vectors.T
+
+    linear = False
+
+    def matmul(self, X: Array) -> Array:
+        return self.vectors @ (self.values[:, None] * (self.vectors.T @ X))
+
+    def rotated(self, basis: Basis) -> Array:
+        vv = basis.vectors.T @ self.vectors
+        return (vv * self.values[None, :]) @ vv.T
+
+    def trace(self) -> Array:
+        return jnp.sum((self.vectors * self.vectors) @ self.values)
 
 
 class LowRank(NamedTuple):
@@ -249,6 +277,18 @@ class LowRank(NamedTuple):
     def dense(self) -> Array:
         return self.factor @ self.factor.T
 
+    linear = False
+
+    def matmul(self, X: Array) -> Array:
+        return self.factor @ (self.factor.T @ X)
+
+    def rotated(self, basis: Basis) -> Array:
+        vg = basis.vectors.T @ self.factor
+        return vg @ vg.T
+
+    def trace(self) -> Array:
+        return jnp.sum(self.factor * self.factor)
+
 
 class Diagonal(NamedTuple):
     """M = diag(values): already in its eigenbasis (Y rotated once by a fixed M's eigenvectors).
@@ -278,6 +318,17 @@ class Diagonal(NamedTuple):
 
     def dense(self) -> Array:
         return jnp.diag(self.values)
+
+    linear = True
+
+    def matmul(self, X: Array) -> Array:
+        return self.values[:, None] * X
+
+    def rotated(self, basis: Basis) -> Array:
+        return self.values  # V = I: the diagonal of a diagonal matrix
+
+    def trace(self) -> Array:
+        return jnp.sum(self.values)
 
 
 FORMS = (Dense, EighFactor, LowRank, Diagonal)

@@ -113,7 +113,10 @@ def check_gradients(
       ``|⟨g, V⟩ - FD| / (‖g‖ ‖V‖)`` (relative to the largest possible directional
       derivative, so a direction orthogonal to g does not divide by zero).
 
-    Second order: :func:`kronlik.fisher_information` in every entry of M, K and Σ against
+    Second order: per argument, a Hessian-vector product along a random direction (in the
+    range of a singular M or K, so that the steps stay valid) from kronlik's second-order rules
+    against the same of the dense reference and central differences of the hand-derived
+    gradient; :func:`kronlik.fisher_information` in every entry of M, K and Σ against
     ½ tr(U⁻¹UᵢU⁻¹Uⱼ) built densely; for a diagonal Σ also :func:`kronlik.hessian_log_var`
     against ``jax.hessian`` of the dense reference and central differences of
     :func:`kronlik.grad_log_var`.
@@ -164,9 +167,74 @@ def check_gradients(
             worst = max(worst, err / scale if scale > 0 else err)
         checks.append(Check(name, "finite differences", worst, tol["finite differences"]))
 
+    checks.extend(_hessian_vector_checks(args, ref_args, tol, keys[:, 0]))
     checks.extend(_second_order_checks(args, ref_args, tol))
     checks.sort(key=lambda c: (("L", "Y", "M", "K", "Sigma", "Fisher", "log_var").index(c.argument), c.witness))
     return GradientReport(tuple(args[0].shape), dtype.name, ref_dtype.name, tuple(checks))
+
+
+def _in_range(x: Array, v: Array) -> Array:
+    """v projected onto the range of a PSD x, so that x ± h v stays PSD where x is singular."""
+    lam, q = np.linalg.eigh(np.asarray(x, np.float64))
+    # eigenvalues below 1e3·eps of the largest are zeros rounded (float32 rounding of a singular M)
+    q = q[:, lam > 1e3 * float(jnp.finfo(x.dtype).eps) * max(float(np.max(np.abs(lam))), 1e-300)]
+    return jnp.asarray(q @ (q.T @ np.asarray(v, np.float64) @ q) @ q.T, x.dtype)
+
+
+def _hessian_vector_checks(args, ref_args, tol, keys) -> list[Check]:
+    """Per argument, H v along a random direction v of it (in the range of a singular M or K):
+    kronlik's second-order rule (``jax.jvp`` of ``jax.grad``) against the same of the dense
+    reference, and against central differences of kronlik's hand-derived gradient."""
+    checks = []
+    ref_dtype = ref_args[0].dtype
+    fd_args = list(ref_args)
+    if ref_dtype != args[0].dtype:
+        # float32 inputs in float64: a singular M or K rounded to float32 is indefinite by ~1e-8,
+        # far beyond float64 round-off, so kronlik in float64 would (rightly) call it invalid;
+        # difference at its PSD projection, a perturbation of the size of that rounding.
+        for i in (1, 2):
+            lam, q = np.linalg.eigh(np.asarray(fd_args[i], np.float64))
+            fd_args[i] = jnp.asarray((q * np.maximum(lam, 0.0)) @ q.T, ref_dtype)
+    grad_accuracy = validate(*fd_args).gradient_error_bound  # δ, the hand-derived gradients' accuracy
+    for i, (name, key) in enumerate(zip(ARGUMENTS, keys)):
+        x = args[i]
+        v = _direction(key, x, symmetric=i > 0)
+        if i in (1, 2):
+            v = _in_range(x, v)
+
+        def hvp_of(fn, a, i=i):
+            def grad_at(xi):
+                return jax.grad(fn, argnums=i)(*a[:i], xi, *a[i + 1 :])
+
+            return jax.jit(lambda xi, vi: jax.jvp(grad_at, (xi,), (vi,))[1])
+
+        hvp = hvp_of(loglik, args)(x, v)
+        ref_hvp = hvp_of(reference.loglik, ref_args)(ref_args[i], v.astype(ref_dtype))
+        checks.append(Check(name, "HVP autodiff", _max_rel(hvp, ref_hvp), tol["autodiff"]))
+        # in the references' precision (float64 when x64 is on): float32 differences would
+        # measure float32 round-off amplified by 1/step, not the rule
+        x_ref, v_ref = fd_args[i], v.astype(ref_dtype)
+        if i in (1, 2):  # in the range to float64 round-off, not to the float32 rounding of v
+            v_ref = _in_range(x_ref, v_ref)
+        # five-point differences (truncation ∝ step⁴), the step balancing that against the
+        # gradients' own error δ/step
+        delta = max(grad_accuracy, float(jnp.finfo(ref_dtype).eps))
+        step = delta ** (1 / 5) * max(float(jnp.max(jnp.abs(x_ref))), 1.0)
+        if i > 0:  # M, K, Σ ± 2 step·v must stay PSD: a quarter of the smallest eigenvalue in range
+            lam = np.linalg.eigvalsh(np.asarray(x_ref, np.float64))
+            kept = lam[lam > 1e3 * float(jnp.finfo(x.dtype).eps) * max(float(np.max(np.abs(lam))), 1e-300)]
+            step = min(step, 0.125 * float(np.min(kept)) / float(np.linalg.norm(np.asarray(v_ref), 2)))
+        grad = jax.jit(lambda xi, i=i: jax.grad(loglik, argnums=i)(*fd_args[:i], xi, *fd_args[i + 1 :]))
+        fd = (
+            8.0 * (grad(x_ref + step * v_ref) - grad(x_ref - step * v_ref))
+            - (grad(x_ref + 2 * step * v_ref) - grad(x_ref - 2 * step * v_ref))
+        ) / (12 * step)
+        # relative to the larger of max|Hv| and what the differences can resolve, δ·max|g|/step
+        floor = delta * float(jnp.max(jnp.abs(grad(x_ref)))) / step
+        err = float(np.max(np.abs(np.asarray(hvp, np.float64) - np.asarray(fd, np.float64))))
+        scale = max(float(np.max(np.abs(np.asarray(fd, np.float64)))), floor)
+        checks.append(Check(name, "HVP fin. diff.", err / scale if scale > 0 else err, tol["finite differences"]))
+    return checks
 
 
 def _second_order_checks(args, ref_args, tol) -> list[Check]:

@@ -34,7 +34,7 @@ import numpy as np
 from jax.extend.core import Literal
 
 from ._checks import as_float_arrays, check_eigh_dtype, prepare
-from ._core import Factors, factor, forward, nan_unless
+from ._core import Factors, factor, forward, nan_unless, noise_weights
 from ._noise import FullNoise, LogVarNoise
 from .forms import as_form
 from .structured import MForm
@@ -55,20 +55,10 @@ def _inputs_reaching(jaxpr, out_index: int) -> set[int]:
     return set() if isinstance(out, Literal) else reach.get(out, set())
 
 
-def _noise_weights(f: Factors) -> tuple[Array, Array, Array, Array]:
-    """h = 1/E (r, D), and the D×D weights Ω₀, Ω₁, Ω₂ = hᵀ diag(λᵖ) h (complement in Ω₀)."""
-    h, lam, nu = f.inv_e, f.basis.lam, f.pencil.nu
-    omega0 = h.T @ h
-    if f.num_complement():
-        inv_nu = 1.0 / nu
-        omega0 = omega0 + f.num_complement() * jnp.outer(inv_nu, inv_nu)
-    return h, omega0, h.T @ (lam[:, None] * h), h.T @ ((lam * lam)[:, None] * h)
-
-
 def _fisher_in_basis(f: Factors, dk: Array, ds: Array, moving: Array, dm: Array) -> Array:
     """½ tr(U⁻¹ dᵢU U⁻¹ dⱼU) for P directions dK, dΣ (P, D, D); dM (Q, T, T) for the Q directions ``moving``."""
     lam, kappa, nu, p = f.basis.lam, f.pencil.kappa, f.pencil.nu, f.pencil.p
-    h, omega0, omega1, omega2 = _noise_weights(f)
+    h, omega0, omega1, omega2 = noise_weights(f)
     k_rot = jnp.einsum("dk,ide,el->ikl", p, dk, p)
     s_rot = jnp.einsum("dk,ide,el->ikl", p, ds, p)
     fisher = (
@@ -206,7 +196,7 @@ def fisher_log_var(M: MForm, K: Array, log_var: Array, *, eigh_dtype: str | None
     """
     f, _, _, _ = _log_var_factors(None, M, K, log_var, eigh_dtype)
     w = f.pencil.noise_weight
-    fisher = 0.5 * jnp.outer(w, w) * _squared_blocks(f, _noise_weights(f)[1])
+    fisher = 0.5 * jnp.outer(w, w) * _squared_blocks(f, noise_weights(f)[1])
     fisher = 0.5 * (fisher + fisher.T)  # exactly symmetric
     return nan_unless(f.flags.all(), fisher)
 
@@ -232,7 +222,7 @@ def hessian_log_var(Y: Array, M: MForm, K: Array, log_var: Array, *, eigh_dtype:
     f, noise, Y, K = _log_var_factors(Y, M, K, log_var, eigh_dtype)
     s = forward(Y, f)
     ps, w = f.pencil.p_scaled, f.pencil.noise_weight
-    h, omega0, _, _ = _noise_weights(f)
+    h, omega0, _, _ = noise_weights(f)
     x_rot = s.a @ ps.T  # (r, D)
     data = jnp.einsum("td,te,tk,dk,ek->de", x_rot, x_rot, h, ps, ps, optimize=True)
     if f.num_complement():

@@ -43,3 +43,39 @@ def eqns(jaxpr):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
                     yield from eqns(inner)
+
+
+def exact_log_var_hessian(Y, M, K, s, digits=60):
+    """(Hessian, Fisher) in s, in mpmath, from U⁻¹ and w = U⁻¹v (E_d = I ⊗ e_d e_dᵀ):
+
+    ∂²L/∂s_d∂s_e = δ_de g_d + e^{s_d+s_e} [½ tr(U⁻¹E_dU⁻¹E_e) - wᵀE_dU⁻¹E_e w],
+    F_de = ½ e^{s_d+s_e} tr(U⁻¹E_dU⁻¹E_e).
+    """
+    import mpmath
+
+    with mpmath.workdps(digits):
+        T, D = Y.shape
+        var = [mpmath.exp(mpmath.mpf(x)) for x in s]
+        U = mpmath.matrix(T * D, T * D)
+        for i in range(T * D):
+            for j in range(T * D):
+                (t, d), (u, e) = divmod(i, D), divmod(j, D)
+                U[i, j] = mpmath.mpf(M[t, u]) * mpmath.mpf(K[d, e]) + (var[d] if i == j else 0)
+        u_inv = mpmath.inverse(U)
+        w = u_inv * mpmath.matrix([mpmath.mpf(x) for x in Y.reshape(-1)])
+        rows = lambda d: [t * D + d for t in range(T)]  # noqa: E731
+        hess, fisher = np.zeros((D, D)), np.zeros((D, D))
+        for d in range(D):
+            for e in range(D):
+                tr = mpmath.fsum(u_inv[i, j] ** 2 for i in rows(d) for j in rows(e))
+                quad = mpmath.fsum(w[i] * u_inv[i, j] * w[j] for i in rows(d) for j in rows(e))
+                h = var[d] * var[e] * (tr / 2 - quad)
+                fisher[d, e] = float(var[d] * var[e] * tr / 2)
+                if d == e:
+                    h += (
+                        var[d]
+                        * (mpmath.fsum(w[i] ** 2 for i in rows(d)) - mpmath.fsum(u_inv[i, i] for i in rows(d)))
+                        / 2
+                    )
+                hess[d, e] = float(h)
+        return hess, fisher

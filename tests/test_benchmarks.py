@@ -46,3 +46,10 @@ def test_information_benchmark_smoke():
     for fits in result["fits"].values():
         assert fits["newton"]["converged"] and fits["lbfgs"]["converged"]
         assert abs(fits["newton"]["loglik"] - fits["lbfgs"]["loglik"]) < 1e-6 * abs(fits["lbfgs"]["loglik"])
+
+
+def test_second_order_benchmark_smoke():
+    result = _main("second_order.py")(["--sizes", "16x3", "--repeats", "1"])
+    row = result["costs"][0]
+    assert set(row["ratio"]) >= {"HVP, all arguments", "jax.hessian in s", "hessian_log_var"}
+    assert max(row["agree"].values()) < 1e-10  # the HVP and jax.hessian route equal the closed form

@@ -6,7 +6,9 @@ checked as the form returns it. A new form of M is one builder in ``FORMS``.
 
 Tolerances: float64 against float64 differ by rounding, κ(U)·eps ≈ 1e-13 on these problems
 (eigenvalues of U in [0.1, 50]), so 1e-10 has three digits of margin. float32 against the float64
-reference: κ·eps32 ≈ 1e-5 at worst here, so 2e-4.
+reference: κ·eps32 ≈ 1e-5 at worst here, so 2e-4. Second derivatives carry U⁻¹ twice, κ(U)²·eps:
+≈ 3e-11 in float64 (tolerance 1e-9) and ≈ 3e-2 as a bound in float32, where 2e-3 is kept
+(measured ≤ 3e-4: the errors do not compound to the bound).
 """
 
 import jax
@@ -37,6 +39,7 @@ NOISE = {
     "log_var": lambda rng: jnp.asarray(rng.uniform(-1.0, 1.0, D)),
 }
 TOL = {"float64": 1e-10, "float32": 2e-4}
+TOL2 = {"float64": 1e-9, "float32": 2e-3}
 
 
 def _dense_of(M):
@@ -45,6 +48,20 @@ def _dense_of(M):
 
 def _sigma(noise_name, noise):
     return noise if noise_name == "Sigma" else jnp.diag(jnp.exp(noise))
+
+
+def _dense_predict(Y, M, K, Sigma, M_cross, m_new):
+    """mean and marginal variance of the latent at new rows, from the dense U."""
+    U = reference.dense_covariance(_dense_of(M), K, Sigma)
+    cross = jnp.kron(M_cross, 0.5 * (K + K.T))  # Cov(vec F_new, vec Y)
+    mean = (cross @ jnp.linalg.solve(U, Y.reshape(-1))).reshape(M_cross.shape[0], -1)
+    var = jnp.kron(m_new, jnp.diagonal(K)) - jnp.sum(cross * jnp.linalg.solve(U, cross.T).T, axis=1)
+    return mean, var.reshape(mean.shape)
+
+
+def _random_like(tree, seed):
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), tree)
 
 
 def _problem(form_name, noise_name, seed=0):
@@ -112,11 +129,8 @@ def test_solve_and_predict(form_name, noise_name, dtype):
     rng = np.random.default_rng(3)
     M_cross = jnp.asarray(rng.standard_normal((N, T)))
     m_new = jnp.asarray(rng.uniform(5.0, 6.0, N))
-    U = reference.dense_covariance(_dense_of(M), K, Sigma)
-    w = jnp.linalg.solve(U, Y.reshape(-1))
-    cross = jnp.kron(M_cross, 0.5 * (K + K.T))  # Cov(vec F_new, vec Y)
-    mean = (cross @ w).reshape(N, D)
-    var = (jnp.kron(m_new, jnp.diagonal(K)) - jnp.sum(cross * jnp.linalg.solve(U, cross.T).T, axis=1)).reshape(N, D)
+    w = jnp.linalg.solve(reference.dense_covariance(_dense_of(M), K, Sigma), Y.reshape(-1))
+    mean, var = _dense_predict(Y, M, K, Sigma, M_cross, m_new)
     low = _cast((Y, M, K, Sigma, M_cross, m_new), dtype)
     _assert_close(kronlik.solve(*low[:4]), w.reshape(T, D), TOL[dtype], "solve")
     got_mean, got_var = kronlik.predict(*low)
@@ -179,3 +193,65 @@ def test_log_var_information(form_name, dtype):
     _assert_close(jax.jit(kronlik.fisher_log_var)(*low[1:]), fisher, TOL[dtype], "fisher_log_var")
     hessian = jax.hessian(_reference_loglik("log_var"), argnums=3)(Y, M, K, s)
     _assert_close(jax.jit(kronlik.hessian_log_var)(*low), hessian, TOL[dtype], "hessian_log_var")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("noise_name", list(NOISE))
+@pytest.mark.parametrize("form_name", list(FORMS))
+def test_second_order_in_every_array(form_name, noise_name, dtype):
+    # jax.hessian (forward over reverse) in all four arguments, every array of the form
+    # included, and reverse over reverse and a jvp, against the dense reference.
+    args = _problem(form_name, noise_name, seed=7)
+    low = _cast(args, dtype)
+    fn = kronlik.loglik if noise_name == "Sigma" else kronlik.loglik_diag
+    ref = _reference_loglik(noise_name)
+    what = f"{form_name}/{noise_name}/{dtype}"
+    hess = jax.jit(jax.hessian(fn, argnums=(0, 1, 2, 3)))(*low)
+    assert all(h.dtype == dtype for h in jax.tree_util.tree_leaves(hess))
+    _assert_close(hess, jax.hessian(ref, argnums=(0, 1, 2, 3))(*args), TOL2[dtype], f"{what} hessian")
+    rev_rev = jax.jit(jax.jacrev(jax.grad(fn, argnums=(2, 3)), argnums=(1, 2, 3)))(*low)
+    _assert_close(rev_rev, jax.jacrev(jax.grad(ref, argnums=(2, 3)), argnums=(1, 2, 3))(*args), TOL2[dtype], what)
+    tangents = _random_like(args, 8)
+    value, tangent = jax.jit(lambda a, t: jax.jvp(fn, a, t))(low, _cast(tangents, dtype))
+    ref_value, ref_tangent = jax.jvp(ref, args, tangents)
+    _assert_close((value, tangent), (ref_value, ref_tangent), TOL[dtype], f"{what} jvp")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("noise_name", list(NOISE))
+@pytest.mark.parametrize("form_name", list(FORMS))
+def test_derivatives_of_the_helpers(form_name, noise_name, dtype):
+    # jvp of grad_sigma / grad_log_var, solve and predict along a direction moving every input
+    Y, M, K, noise = _problem(form_name, noise_name, seed=9)
+    rng = np.random.default_rng(10)
+    extra = (jnp.asarray(rng.standard_normal((N, T))), jnp.asarray(rng.uniform(5.0, 6.0, N)))
+    args, tangents = (Y, M, K, noise), _random_like((Y, M, K, noise), 11)
+    ref = _reference_loglik(noise_name)
+    helper = kronlik.grad_sigma if noise_name == "Sigma" else kronlik.grad_log_var
+    got = jax.jit(lambda a, t: jax.jvp(helper, a, t))(_cast(args, dtype), _cast(tangents, dtype))
+    want = jax.jvp(jax.grad(ref, argnums=3), args, tangents)
+    _assert_close(got, want, TOL2[dtype], f"{form_name}/{noise_name}/{dtype} {helper.__name__}")
+
+    def dense_sigma(x):
+        return _sigma(noise_name, x)
+
+    def solve(Y, M, K, x):
+        return kronlik.solve(Y, M, K, dense_sigma(x))
+
+    def dense_solve(Y, M, K, x):
+        U = reference.dense_covariance(_dense_of(M), K, dense_sigma(x))
+        return jnp.linalg.solve(U, Y.reshape(-1)).reshape(Y.shape)
+
+    got = jax.jit(lambda a, t: jax.jvp(solve, a, t))(_cast(args, dtype), _cast(tangents, dtype))
+    _assert_close(got, jax.jvp(dense_solve, args, tangents), TOL2[dtype], f"{form_name}/{noise_name}/{dtype} solve")
+    args, tangents = args + extra, tangents + _random_like(extra, 12)
+
+    def predict(Y, M, K, x, M_cross, m_new):
+        return kronlik.predict(Y, M, K, dense_sigma(x), M_cross, m_new, include_noise=True)
+
+    def dense_predict(Y, M, K, x, M_cross, m_new):
+        mean, var = _dense_predict(Y, M, K, dense_sigma(x), M_cross, m_new)
+        return mean, var + jnp.diagonal(dense_sigma(x))[None, :]
+
+    got = jax.jit(lambda a, t: jax.jvp(predict, a, t))(_cast(args, dtype), _cast(tangents, dtype))
+    _assert_close(got, jax.jvp(dense_predict, args, tangents), TOL2[dtype], f"{form_name}/{noise_name}/{dtype} predict")

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import max_rel, random_problem
+from helpers import exact_log_var_hessian, max_rel, random_problem
 
 import kronlik
 from kronlik import reference
@@ -63,42 +63,6 @@ def test_exact_at_repeated_eigenvalues(case):
     np.testing.assert_allclose(full[-D:, -D:], fisher, rtol=1e-12, atol=1e-14)
 
 
-def _exact_log_var_hessian(Y, M, K, s, digits=60):
-    """(Hessian, Fisher) in s, in mpmath, from U⁻¹ and w = U⁻¹v (E_d = I ⊗ e_d e_dᵀ):
-
-    ∂²L/∂s_d∂s_e = δ_de g_d + e^{s_d+s_e} [½ tr(U⁻¹E_dU⁻¹E_e) - wᵀE_dU⁻¹E_e w],
-    F_de = ½ e^{s_d+s_e} tr(U⁻¹E_dU⁻¹E_e).
-    """
-    import mpmath
-
-    with mpmath.workdps(digits):
-        T, D = Y.shape
-        var = [mpmath.exp(mpmath.mpf(x)) for x in s]
-        U = mpmath.matrix(T * D, T * D)
-        for i in range(T * D):
-            for j in range(T * D):
-                (t, d), (u, e) = divmod(i, D), divmod(j, D)
-                U[i, j] = mpmath.mpf(M[t, u]) * mpmath.mpf(K[d, e]) + (var[d] if i == j else 0)
-        u_inv = mpmath.inverse(U)
-        w = u_inv * mpmath.matrix([mpmath.mpf(x) for x in Y.reshape(-1)])
-        rows = lambda d: [t * D + d for t in range(T)]  # noqa: E731
-        hess, fisher = np.zeros((D, D)), np.zeros((D, D))
-        for d in range(D):
-            for e in range(D):
-                tr = mpmath.fsum(u_inv[i, j] ** 2 for i in rows(d) for j in rows(e))
-                quad = mpmath.fsum(w[i] * u_inv[i, j] * w[j] for i in rows(d) for j in rows(e))
-                h = var[d] * var[e] * (tr / 2 - quad)
-                fisher[d, e] = float(var[d] * var[e] * tr / 2)
-                if d == e:
-                    h += (
-                        var[d]
-                        * (mpmath.fsum(w[i] ** 2 for i in rows(d)) - mpmath.fsum(u_inv[i, i] for i in rows(d)))
-                        / 2
-                    )
-                hess[d, e] = float(h)
-        return hess, fisher
-
-
 @pytest.mark.parametrize("s", [[0.0, -20.0, -40.0], [0.0, 0.0, -35.0], [30.0, 0.0, -30.0]])
 def test_graded_noise_against_exact_arithmetic(s):
     # One output nearly noise-free: the dense float64 reference is itself in doubt here (it is
@@ -107,7 +71,7 @@ def test_graded_noise_against_exact_arithmetic(s):
     rng = np.random.default_rng(7)
     Y, M, K = rng.standard_normal((3, D)), np.eye(3), np.eye(D) + 0.5
     hess = kronlik.hessian_log_var(*(jnp.asarray(a) for a in (Y, M, K, s)))
-    exact, exact_fisher = _exact_log_var_hessian(Y, M, K, s)
+    exact, exact_fisher = exact_log_var_hessian(Y, M, K, s)
     # every entry to its own relative accuracy (measured ≤ 5e-15; the entries span 1e-27 to 1):
     # the diagonal is summed without the O(T) cancellation between g_d and the curvature terms
     np.testing.assert_allclose(np.asarray(hess), exact, rtol=1e-13, atol=0)
