@@ -200,6 +200,15 @@ def nan_unless(ok: Array, x: Array) -> Array:
     return jnp.where(ok, x, jnp.nan)
 
 
+def nan_unless_linear(ok: Array, tangent: Array) -> Array:
+    """``nan_unless`` for a tangent, kept linear: tangent · (1 or NaN).
+
+    ``where(ok, t, nan)`` would transpose to a zero cotangent where not ok (the NaN branch is a
+    constant), so reverse mode through a jvp rule would return finite zeros for bad input.
+    """
+    return tangent * jnp.where(ok, 1.0, jnp.nan).astype(tangent.dtype)
+
+
 def noise_weights(f: Factors) -> tuple[Array, Array, Array, Array]:
     """h = 1/E (r, D), and the D×D weights Ω₀, Ω₁, Ω₂ = hᵀ diag(λᵖ) h (complement in Ω₀).
 

@@ -184,8 +184,8 @@ def _in_range(x: Array, v: Array) -> Array:
 def _hessian_vector_checks(args, ref_args, tol, keys) -> list[Check]:
     """Per argument, H v along a random direction v of it (in the range of a singular M or K):
     kronlik's second-order rule (``jax.jvp`` of ``jax.grad``) against the same of the dense
-    reference, and against central differences of kronlik's hand-derived gradient."""
-    checks = []
+    reference, and against five-point central differences of kronlik's hand-derived gradient (in
+    the references' dtype)."""
     ref_dtype = ref_args[0].dtype
     fd_args = list(ref_args)
     if ref_dtype != args[0].dtype:
@@ -195,43 +195,44 @@ def _hessian_vector_checks(args, ref_args, tol, keys) -> list[Check]:
         for i in (1, 2):
             lam, q = np.linalg.eigh(np.asarray(fd_args[i], np.float64))
             fd_args[i] = jnp.asarray((q * np.maximum(lam, 0.0)) @ q.T, ref_dtype)
-    grad_accuracy = validate(*fd_args).gradient_error_bound  # δ, the hand-derived gradients' accuracy
-    for i, (name, key) in enumerate(zip(ARGUMENTS, keys)):
-        x = args[i]
-        v = _direction(key, x, symmetric=i > 0)
-        if i in (1, 2):
-            v = _in_range(x, v)
+    directions = []
+    for i, key in enumerate(keys):
+        v = _direction(key, args[i], symmetric=i > 0)
+        directions.append(_in_range(args[i], v) if i in (1, 2) else v)
 
-        def hvp_of(fn, a, i=i):
-            def grad_at(xi):
-                return jax.grad(fn, argnums=i)(*a[:i], xi, *a[i + 1 :])
+    def hvps(fn, at, dirs):
+        # one compiled program: the four directions (one argument moving in each) batched
+        moving = [tuple(d if j == i else jnp.zeros_like(a) for j, a in enumerate(at)) for i, d in enumerate(dirs)]
+        batch = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *moving)
+        grads = jax.grad(fn, argnums=(0, 1, 2, 3))
+        out = jax.jit(jax.vmap(lambda t: jax.jvp(lambda *a: grads(*a), tuple(at), t)[1]))(batch)
+        return [out[i][i] for i in range(4)]
 
-            return jax.jit(lambda xi, vi: jax.jvp(grad_at, (xi,), (vi,))[1])
-
-        hvp = hvp_of(loglik, args)(x, v)
-        ref_hvp = hvp_of(reference.loglik, ref_args)(ref_args[i], v.astype(ref_dtype))
-        checks.append(Check(name, "HVP autodiff", _max_rel(hvp, ref_hvp), tol["autodiff"]))
-        # in the references' precision (float64 when x64 is on): float32 differences would
-        # measure float32 round-off amplified by 1/step, not the rule
-        x_ref, v_ref = fd_args[i], v.astype(ref_dtype)
+    ref_dirs = [d.astype(ref_dtype) for d in directions]
+    got, want = hvps(loglik, args, directions), hvps(reference.loglik, ref_args, ref_dirs)
+    grad_all = jax.jit(jax.grad(loglik, argnums=(0, 1, 2, 3)))
+    delta = max(validate(*fd_args).gradient_error_bound, float(jnp.finfo(ref_dtype).eps))  # δ
+    checks = []
+    for i, name in enumerate(ARGUMENTS):
+        checks.append(Check(name, "HVP autodiff", _max_rel(got[i], want[i]), tol["autodiff"]))
+        x_ref, v_ref = fd_args[i], ref_dirs[i]
         if i in (1, 2):  # in the range to float64 round-off, not to the float32 rounding of v
             v_ref = _in_range(x_ref, v_ref)
         # five-point differences (truncation ∝ step⁴), the step balancing that against the
-        # gradients' own error δ/step
-        delta = max(grad_accuracy, float(jnp.finfo(ref_dtype).eps))
+        # hand-derived gradients' own error δ/step (δ: validate's estimate, at least eps)
         step = delta ** (1 / 5) * max(float(jnp.max(jnp.abs(x_ref))), 1.0)
         if i > 0:  # M, K, Σ ± 2 step·v must stay PSD: a quarter of the smallest eigenvalue in range
             lam = np.linalg.eigvalsh(np.asarray(x_ref, np.float64))
-            kept = lam[lam > 1e3 * float(jnp.finfo(x.dtype).eps) * max(float(np.max(np.abs(lam))), 1e-300)]
+            kept = lam[lam > 1e3 * float(jnp.finfo(args[i].dtype).eps) * max(float(np.max(np.abs(lam))), 1e-300)]
             step = min(step, 0.125 * float(np.min(kept)) / float(np.linalg.norm(np.asarray(v_ref), 2)))
-        grad = jax.jit(lambda xi, i=i: jax.grad(loglik, argnums=i)(*fd_args[:i], xi, *fd_args[i + 1 :]))
-        fd = (
-            8.0 * (grad(x_ref + step * v_ref) - grad(x_ref - step * v_ref))
-            - (grad(x_ref + 2 * step * v_ref) - grad(x_ref - 2 * step * v_ref))
-        ) / (12 * step)
+
+        def grad(h, i=i, x_ref=x_ref, v_ref=v_ref):
+            return grad_all(*fd_args[:i], x_ref + h * v_ref, *fd_args[i + 1 :])[i]
+
+        fd = (8.0 * (grad(step) - grad(-step)) - (grad(2 * step) - grad(-2 * step))) / (12 * step)
         # relative to the larger of max|Hv| and what the differences can resolve, δ·max|g|/step
-        floor = delta * float(jnp.max(jnp.abs(grad(x_ref)))) / step
-        err = float(np.max(np.abs(np.asarray(hvp, np.float64) - np.asarray(fd, np.float64))))
+        floor = delta * float(jnp.max(jnp.abs(grad(0.0)))) / step
+        err = float(np.max(np.abs(np.asarray(got[i], np.float64) - np.asarray(fd, np.float64))))
         scale = max(float(np.max(np.abs(np.asarray(fd, np.float64)))), floor)
         checks.append(Check(name, "HVP fin. diff.", err / scale if scale > 0 else err, tol["finite differences"]))
     return checks

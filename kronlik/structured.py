@@ -30,6 +30,7 @@ from ._core import (
     forward,
     m_gradient,
     nan_unless,
+    nan_unless_linear,
     not_differentiable,
     second_order,
     solution_tangent,
@@ -117,7 +118,7 @@ def _gradient_tangents(primals, tangents, f: Factors, s: Solved, grads):
         curved = jax.jvp(jax.grad(lambda fm: first(f.basis, fm)), (form,), (dform,))[1]
         m_tan = jax.tree_util.tree_map(jnp.add, m_tan, curved)
     tans = (-(so.r @ p.T), m_tan, 0.5 * (k_tan + k_tan.T), noise_tan)
-    return jax.tree_util.tree_map(lambda t: nan_unless(s.ok, t), tans)
+    return jax.tree_util.tree_map(lambda t: nan_unless_linear(s.ok, t), tans)
 
 
 # eigh_dtype is a static dtype name or None, never an array.
@@ -168,7 +169,7 @@ def _solve_jvp(eigh_dtype, primals, tangents):
     d = _direction(f, s, form, noise, *(_moving(x, t) for x, t in zip(primals, tangents)))
     p = f.pencil.p
     w = solve_in_pencil_basis(f, s) @ p.T
-    return nan_unless(s.ok, w), nan_unless(s.ok, solution_tangent(f, s, d) @ p.T)
+    return nan_unless(s.ok, w), nan_unless_linear(s.ok, solution_tangent(f, s, d) @ p.T)
 
 
 def loglik(Y: Array, M: MForm, K: Array, Sigma: Array, *, eigh_dtype: str | None = None) -> Array:
@@ -324,7 +325,7 @@ def _predict_jvp(eigh_dtype, primals, tangents):
         if outside is not None and d.m_cross is not None:  # 2 (c_n ⊙ h_j)ᵀ Vᵀ dM Π x_n / ν_j
             e = e + 2.0 * jnp.einsum("ntj,nt->nj", u, outside @ d.m_cross) / nu[None, :]
         d_var = d_var + (e * kappa[None, :]) @ (kp * kp).T
-    return (mean, var), (nan_unless(s.ok, d_mean), nan_unless(s.ok, d_var))
+    return (mean, var), (nan_unless_linear(s.ok, d_mean), nan_unless_linear(s.ok, d_var))
 
 
 @partial(jax.jit, static_argnums=4)

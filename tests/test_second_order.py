@@ -169,8 +169,21 @@ def test_third_order_in_m_k_or_noise_raises_and_in_y_alone_works():
     assert max_rel(hess_y, -jnp.linalg.inv(reference.dense_covariance(M, K, S))) < 1e-12
 
 
-def test_nan_for_invalid_input_at_second_order():
+def test_nan_for_invalid_input_in_every_mode():
+    # Forward and reverse: a rule's NaN mask must survive transposition (reverse over reverse,
+    # reverse mode of the helpers), never become a finite zero.
     Y, M, K, S = (jnp.asarray(a) for a in CASES["random"])
     bad_k = K - 10.0 * jnp.eye(D)
-    hess = jax.hessian(kronlik.loglik, argnums=(2, 3))(Y, M, bad_k, S)
-    assert all(np.all(np.isnan(h)) for h in jax.tree_util.tree_leaves(hess))
+    m_cross, m_new = M[:2], jnp.diagonal(M)[:2]
+    derivatives = {
+        "fwd over rev": jax.hessian(kronlik.loglik, argnums=(0, 2, 3))(Y, M, bad_k, S),
+        "rev over rev": jax.jacrev(jax.grad(kronlik.loglik, argnums=(0, 2, 3)), argnums=(0, 2, 3))(Y, M, bad_k, S),
+        "solve, rev": jax.jacrev(kronlik.solve, argnums=(0, 2))(Y, M, bad_k, S),
+        "grad_sigma, rev": jax.jacrev(kronlik.grad_sigma, argnums=(0, 2))(Y, M, bad_k, S),
+        "grad_log_var, rev": jax.jacrev(kronlik.grad_log_var, argnums=(0, 2))(Y, M, bad_k, jnp.zeros(D)),
+        "predict, rev": jax.jacrev(
+            lambda y, k, c, m: kronlik.predict(y, M, k, S, c, m, include_noise=True), argnums=(0, 1, 2, 3)
+        )(Y, bad_k, m_cross, m_new),
+    }
+    for name, tree in derivatives.items():
+        assert all(np.all(np.isnan(x)) for x in jax.tree_util.tree_leaves(tree)), name
