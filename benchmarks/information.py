@@ -59,6 +59,22 @@ def costs(T, D, repeats):
     return {"T": T, "D": D, "seconds": seconds, "ratio": {k: v / base for k, v in seconds.items()}}
 
 
+def cost_rows(costs, sizes, repeats, extra=None):
+    """``costs(T, D, repeats)`` for each "TxD" in ``sizes``, each row printed as it comes."""
+    rows = []
+    for size in sizes:
+        T, D = (int(v) for v in size.split("x"))
+        row = costs(T, D, repeats)
+        rows.append(row)
+        print(
+            f"T={T} D={D}: "
+            + ", ".join(f"{k} {v * 1e3:.1f} ms ({row['ratio'][k]:.2f}x)" for k, v in row["seconds"].items())
+        )
+        if extra:
+            print("  " + extra + ": " + ", ".join(f"{k} {v:.1e}" for k, v in row[extra].items()))
+    return rows
+
+
 def _timed_fit(Y, M, K, method, warm_up=True):
     fit = lambda: kronlik.fit_log_var(Y, M, K, jnp.zeros(Y.shape[1]), method=method)  # noqa: E731
     if warm_up:
@@ -108,15 +124,7 @@ def main(argv=None):
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
-    rows = []
-    for size in args.sizes:
-        T, D = (int(v) for v in size.split("x"))
-        row = costs(T, D, args.repeats)
-        rows.append(row)
-        print(
-            f"T={T} D={D}: "
-            + ", ".join(f"{k} {v * 1e3:.1f} ms ({row['ratio'][k]:.2f}x)" for k, v in row["seconds"].items())
-        )
+    rows = cost_rows(costs, args.sizes, args.repeats)
     fits = {}
     for name, Y, M, K in _problems(args.small):
         fits[name] = {method: _timed_fit(Y, M, K, method, not args.small) for method in ("lbfgs", "newton")}

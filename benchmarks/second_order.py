@@ -35,6 +35,7 @@ import numpy as np
 import kronlik
 
 _median_seconds = runpy.run_path(str(Path(__file__).with_name("fit_step.py")))["_median_seconds"]
+_cost_rows = runpy.run_path(str(Path(__file__).with_name("information.py")))["cost_rows"]
 
 
 def costs(T, D, repeats):
@@ -167,16 +168,7 @@ def main(argv=None):
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
-    rows = []
-    for size in args.sizes:
-        T, D = (int(v) for v in size.split("x"))
-        row = costs(T, D, args.repeats)
-        rows.append(row)
-        print(
-            f"T={T} D={D}: "
-            + ", ".join(f"{k} {v * 1e3:.1f} ms ({row['ratio'][k]:.2f}x)" for k, v in row["seconds"].items())
-        )
-        print("  agreement: " + ", ".join(f"{k} {v:.1e}" for k, v in row["agree"].items()))
+    rows = _cost_rows(costs, args.sizes, args.repeats, extra="agree")
     result = {
         "environment": {"jax": jax.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count()},
         "costs": rows,
