@@ -278,9 +278,9 @@ class MPairing(NamedTuple):
         return value
 
 
-def m_gradient(f: Factors, s: Solved) -> MPairing:
-    """∂L/∂M = ½ (R diag(κ) Rᵀ - V diag(a) Vᵀ - c₀ Π) as an :class:`MPairing`."""
-    r, kappa = solve_in_pencil_basis(f, s), f.pencil.kappa
+def m_gradient(f: Factors, r: Array) -> MPairing:
+    """∂L/∂M = ½ (R diag(κ) Rᵀ - V diag(a) Vᵀ - c₀ Π) as an :class:`MPairing`; r is R (T, D)."""
+    kappa = f.pencil.kappa
     a = f.inv_e @ kappa
     x = -0.5 * (a if f.basis.vectors is None else jnp.diag(a))
     c = -0.5 * jnp.sum(kappa / f.pencil.nu) if f.num_complement() else None
@@ -300,9 +300,9 @@ def _diag_or_zero(x: Array | None, n: int, dtype) -> Array:
     return jnp.zeros((n,), dtype) if x is None else (x if x.ndim == 1 else jnp.diagonal(x))
 
 
-def solution_tangent(f: Factors, s: Solved, d: Direction) -> Array:
-    """dR = dW P = F (dY P - dU_P R) for dU_P R = dM R diag(κ) + M R K̃ + R S̃ (T, D)."""
-    r, lam, kappa = solve_in_pencil_basis(f, s), f.basis.lam, f.pencil.kappa
+def solution_tangent(f: Factors, s: Solved, r: Array, d: Direction) -> Array:
+    """dR = dW P = F (dY P - dU_P R) for dU_P R = dM R diag(κ) + M R K̃ + R S̃ (T, D); r is R."""
+    lam, kappa = f.basis.lam, f.pencil.kappa
     x = jnp.zeros_like(r) if d.y is None else d.y
     if d.m_r is not None:
         x = x - d.m_r * kappa[None, :]
@@ -317,13 +317,12 @@ def solution_tangent(f: Factors, s: Solved, d: Direction) -> Array:
     return dr
 
 
-def second_order(f: Factors, s: Solved, d: Direction) -> SecondOrder:
+def second_order(f: Factors, s: Solved, r: Array, d: Direction) -> SecondOrder:
     """The tangents of the hand-derived gradients along ``d`` (the block comment above)."""
     lam, kappa, nu = f.basis.lam, f.pencil.kappa, f.pencil.nu
     h, omega0, omega1, omega2 = noise_weights(f)
     h2, dtype, D = h * h, lam.dtype, kappa.shape[0]
-    r = solve_in_pencil_basis(f, s)
-    dr = solution_tangent(f, s, d)
+    dr = solution_tangent(f, s, r, d)
     da = f.basis.rotate(dr)
     m_diag = _diag_or_zero(d.m_rot, lam.shape[0], dtype)
     k_diag, s_diag = _diag_or_zero(d.k, D, dtype), _diag_or_zero(d.s, D, dtype)

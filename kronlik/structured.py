@@ -81,12 +81,12 @@ def _gradients_of(form, noise, f: Factors, s: Solved):
     return ct.y, form.cotangent(f.basis, ct.m), ct.k, noise.cotangent(f.pencil, ct.s_hat)
 
 
-def _direction(f: Factors, s: Solved, form, noise, dY, dform, dK, dnoise) -> Direction:
+def _direction(f: Factors, r: Array, form, noise, dY, dform, dK, dnoise) -> Direction:
     """A direction of (Y, M, K, noise) in the eigenbasis; dM's pieces by forward mode of the form."""
     p = f.pencil.p
     m_r = m_rot = m_cross = m_trace_perp = None
     if dform is not None:
-        r, vectors, thin = solve_in_pencil_basis(f, s), f.basis.vectors, f.num_complement() > 0
+        vectors, thin = f.basis.vectors, f.num_complement() > 0
 
         def moved(fm):  # polynomial in the form's arrays: its jvp needs no eigh derivative
             out = (fm.matmul(r), fm.rotated(f.basis))
@@ -101,12 +101,12 @@ def _direction(f: Factors, s: Solved, form, noise, dY, dform, dK, dnoise) -> Dir
     return Direction(None if dY is None else dY @ p, m_r, m_rot, m_cross, m_trace_perp, k, noise_dir)
 
 
-def _gradient_tangents(primals, tangents, f: Factors, s: Solved, grads):
+def _gradient_tangents(primals, tangents, f: Factors, s: Solved, r: Array, grads):
     """The tangents of the gradients (Hessian-vector products): the core's second-order kernel
     plus the curvature of M's form (EighFactor, LowRank) and of the noise model (log-variances)."""
     Y, form, K, noise = primals
     dY, dform, dK, dnoise = (_moving(x, t) for x, t in zip(primals, tangents))
-    so = second_order(f, s, _direction(f, s, form, noise, dY, dform, dK, dnoise))
+    so = second_order(f, s, r, _direction(f, r, form, noise, dY, dform, dK, dnoise))
     p = f.pencil.p
     k_tan = p @ so.k_hat @ p.T
     noise_tan = noise.cotangent(f.pencil, so.s_hat)
@@ -114,7 +114,7 @@ def _gradient_tangents(primals, tangents, f: Factors, s: Solved, grads):
         noise_tan = jax.tree_util.tree_map(jnp.add, noise_tan, curved)
     m_tan = jax.grad(lambda fm: so.m(f.basis, fm))(form)
     if dform is not None and not form.linear:
-        first = m_gradient(f, s)
+        first = m_gradient(f, r)
         curved = jax.jvp(jax.grad(lambda fm: first(f.basis, fm)), (form,), (dform,))[1]
         m_tan = jax.tree_util.tree_map(jnp.add, m_tan, curved)
     tans = (-(so.r @ p.T), m_tan, 0.5 * (k_tan + k_tan.T), noise_tan)
@@ -137,7 +137,8 @@ def _value_and_grads_jvp(eigh_dtype, primals, tangents):
     f = factor(form, K, noise, eigh_dtype)
     s = forward(Y, f)
     grads = _gradients_of(form, noise, f, s)
-    return (s.value, grads), (_pair(grads, tangents), _gradient_tangents(primals, tangents, f, s, grads))
+    r = solve_in_pencil_basis(f, s)  # R = W P, shared by every piece of the rule
+    return (s.value, grads), (_pair(grads, tangents), _gradient_tangents(primals, tangents, f, s, r, grads))
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(4,))
@@ -166,10 +167,9 @@ def _solve_jvp(eigh_dtype, primals, tangents):
     Y, form, K, noise = primals
     f = factor(form, K, noise, eigh_dtype)
     s = forward(Y, f)
-    d = _direction(f, s, form, noise, *(_moving(x, t) for x, t in zip(primals, tangents)))
-    p = f.pencil.p
-    w = solve_in_pencil_basis(f, s) @ p.T
-    return nan_unless(s.ok, w), nan_unless_linear(s.ok, solution_tangent(f, s, d) @ p.T)
+    r, p = solve_in_pencil_basis(f, s), f.pencil.p
+    d = _direction(f, r, form, noise, *(_moving(x, t) for x, t in zip(primals, tangents)))
+    return nan_unless(s.ok, r @ p.T), nan_unless_linear(s.ok, solution_tangent(f, s, r, d) @ p.T)
 
 
 def loglik(Y: Array, M: MForm, K: Array, Sigma: Array, *, eigh_dtype: str | None = None) -> Array:
@@ -257,7 +257,8 @@ def _predictive(f: Factors, s: Solved, K: Array, M_cross: Array, m_new_diag: Arr
     """(mean, var) of :func:`predict` from the factors, and the pieces their tangents reuse."""
     k_sym = 0.5 * (K + K.T)
     kp = k_sym @ f.pencil.p  # (D, D) K P
-    w = solve_in_pencil_basis(f, s) @ f.pencil.p.T
+    r = solve_in_pencil_basis(f, s)
+    w = r @ f.pencil.p.T
     mean = M_cross @ (w @ k_sym)
     cross = f.basis.rotate(M_cross.T).T  # (N, r) = M_cross V
     q = (cross * cross) @ f.inv_e  # (N, D) q_nj = x_nᵀ f_j x_n, x_n = M_cross[n]
@@ -266,7 +267,7 @@ def _predictive(f: Factors, s: Solved, K: Array, M_cross: Array, m_new_diag: Arr
         outside = M_cross - f.basis.unrotate(cross.T).T  # the part of M_cross where M vanishes
         q = q + jnp.sum(outside * outside, axis=1)[:, None] / f.pencil.nu[None, :]
     var = m_new_diag[:, None] * jnp.diagonal(k_sym)[None, :] - q @ (kp * kp).T
-    return (nan_unless(s.ok, mean), nan_unless(s.ok, var)), (k_sym, kp, w, cross, q, outside)
+    return (nan_unless(s.ok, mean), nan_unless(s.ok, var)), (k_sym, kp, r, w, cross, q, outside)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(6,))
@@ -288,13 +289,13 @@ def _predict_jvp(eigh_dtype, primals, tangents):
     Y, form, K, noise, M_cross, m_new_diag = primals
     f = factor(form, K, noise, eigh_dtype)
     s = forward(Y, f)
-    (mean, var), (k_sym, kp, w, cross, q, outside) = _predictive(f, s, K, M_cross, m_new_diag)
+    (mean, var), (k_sym, kp, r, w, cross, q, outside) = _predictive(f, s, K, M_cross, m_new_diag)
     dY, dform, dK, dnoise, d_cross, d_new = (_moving(x, t) for x, t in zip(primals, tangents))
-    d = _direction(f, s, form, noise, dY, dform, dK, dnoise)
+    d = _direction(f, r, form, noise, dY, dform, dK, dnoise)
     h, lam, kappa, nu = f.inv_e, f.basis.lam, f.pencil.kappa, f.pencil.nu
     d_mean, d_var = jnp.zeros_like(mean), jnp.zeros_like(var)
     if any(x is not None for x in (dY, dform, dK, dnoise)):
-        d_mean = d_mean + M_cross @ ((solution_tangent(f, s, d) @ f.pencil.p.T) @ k_sym)
+        d_mean = d_mean + M_cross @ ((solution_tangent(f, s, r, d) @ f.pencil.p.T) @ k_sym)
     if d_cross is not None:
         d_mean = d_mean + d_cross @ (w @ k_sym)
         dc = f.basis.rotate(d_cross.T).T
