@@ -110,8 +110,8 @@ def _factor(form, K: Array, noise: Noise, eigh_dtype=None) -> Factors:
     return Factors(basis, pencil, alpha, e, 1.0 / e, flags)
 
 
-def not_differentiable(fn, nondiff_argnums: tuple[int, ...] = ()):
-    """``fn`` with every derivative (forward or reverse) refused by a ``TypeError`` that says why.
+def not_differentiable(fn, nondiff_argnums: tuple[int, ...] = (), message: str = _NOT_DIFFERENTIABLE):
+    """``fn`` with every derivative (forward or reverse) refused by a ``TypeError(message)``.
 
     Where no input carries a tangent (e.g. a derivative with respect to Y only), JAX does not
     ask for the rule and ``fn`` is simply evaluated.
@@ -119,7 +119,7 @@ def not_differentiable(fn, nondiff_argnums: tuple[int, ...] = ()):
     guarded = jax.custom_jvp(fn, nondiff_argnums=nondiff_argnums)
 
     def refuse(*args):
-        raise TypeError(_NOT_DIFFERENTIABLE)
+        raise TypeError(message)
 
     guarded.defjvp(refuse)
     return guarded
@@ -138,6 +138,14 @@ class Solved(NamedTuple):
     ok: Array  # () the value is defined: flags all True, Y finite, value finite
 
 
+def log_det(f: Factors, T: int) -> Array:
+    """log det U = T log det(αK + Σ) + Σ_tj log E_tj + (T - r) Σ_j log ν_j."""
+    logdet = T * f.pencil.logdet_s + jnp.sum(jnp.log(f.e))
+    if f.num_complement():
+        logdet = logdet + f.num_complement() * jnp.sum(jnp.log(f.pencil.nu))
+    return logdet
+
+
 def forward(Y: Array, f: Factors) -> Solved:
     """L = -½ (log det U + vᵀU⁻¹v + TD log 2π) from the factors: O(TD(r + D)) after rotation."""
     T, D = Y.shape
@@ -145,13 +153,12 @@ def forward(Y: Array, f: Factors) -> Solved:
     y_rot = f.basis.rotate(Y)
     z = y_rot @ p
     a = z * f.inv_e
-    logdet = T * f.pencil.logdet_s + jnp.sum(jnp.log(f.e))
+    logdet = log_det(f, T)
     quad = jnp.sum(z * a)
     a_perp = None
     if f.num_complement():
         z_perp = (Y - f.basis.unrotate(y_rot)) @ p  # the part of Y on which M vanishes
         a_perp = z_perp / nu[None, :]
-        logdet = logdet + f.num_complement() * jnp.sum(jnp.log(nu))
         quad = quad + jnp.sum(z_perp * a_perp)
     value = -0.5 * (logdet + quad + T * D * math.log(2.0 * math.pi))
     ok = f.flags.all() & jnp.all(jnp.isfinite(Y)) & jnp.isfinite(value)
@@ -174,24 +181,48 @@ def solve_in_pencil_basis(f: Factors, s: Solved) -> Array:
     return r if s.a_perp is None else r + s.a_perp
 
 
-def backward(f: Factors, s: Solved, g: Array) -> Cotangents:
+class DataTerms(NamedTuple):
+    """n more terms q_k q_kᵀ added to w wᵀ in dL = ½ tr((w wᵀ - U⁻¹ + Σ_k q_k q_kᵀ) dU).
+
+    Each q_k is given like W: its A = Vᵀ unvec(q_k) P and its complement part (missing entries,
+    :mod:`kronlik._missing`, add such terms).
+    """
+
+    a: Array  # (n, r, D)
+    a_perp: Array | None  # (n, T, D)
+    r: Array  # (n, T, D) unvec(q_k) P
+
+
+def backward(f: Factors, s: Solved, g: Array, extra: DataTerms | None = None) -> Cotangents:
     """The hand-derived cotangents of L (module docstring); NaN everywhere unless ``s.ok``."""
     g = jnp.where(s.ok, g, jnp.nan)  # never a finite gradient of a NaN value
     p, lam, kappa, nu = f.pencil.p, f.basis.lam, f.pencil.kappa, f.pencil.nu
     r = solve_in_pencil_basis(f, s)
     b = jnp.sum(f.inv_e, axis=0)
     rtr = s.a.T @ s.a
+    lam_gram = s.a.T @ (lam[:, None] * s.a)
     c0 = jnp.zeros((), lam.dtype)
     if f.num_complement():
         b = b + f.num_complement() / nu
         rtr = rtr + s.a_perp.T @ s.a_perp
         c0 = jnp.sum(kappa / nu)
+    r_all, a_all, kappa_all = r, s.a, kappa
+    if extra is not None:
+        n, T, D = extra.r.shape
+        rtr = rtr + jnp.einsum("nrj,nrk->jk", extra.a, extra.a)
+        if extra.a_perp is not None:
+            rtr = rtr + jnp.einsum("ntj,ntk->jk", extra.a_perp, extra.a_perp)
+        lam_gram = lam_gram + jnp.einsum("nrj,r,nrk->jk", extra.a, lam, extra.a)
+        # Every form uses R and A only through R diag(κ) Rᵀ and A diag(κ) Aᵀ: side by side.
+        r_all = jnp.concatenate([r, jnp.transpose(extra.r, (1, 0, 2)).reshape(T, n * D)], axis=1)
+        a_all = jnp.concatenate([s.a, jnp.transpose(extra.a, (1, 0, 2)).reshape(-1, n * D)], axis=1)
+        kappa_all = jnp.tile(kappa, n + 1)
     c = lam @ f.inv_e
-    k_hat = 0.5 * (s.a.T @ (lam[:, None] * s.a) - jnp.diag(c))
+    k_hat = 0.5 * (lam_gram - jnp.diag(c))
     s_hat = 0.5 * (rtr - jnp.diag(b))
     k_cot = p @ (0.5 * (k_hat + k_hat.T)) @ p.T
     w = r @ p.T
-    m = MCotangent(r, s.a, kappa, f.inv_e @ kappa, c0, 0.5 * g)
+    m = MCotangent(r_all, a_all, kappa_all, f.inv_e @ kappa, c0, 0.5 * g)
     return Cotangents(-g * w, m, g * 0.5 * (k_cot + k_cot.T), g * 0.5 * (s_hat + s_hat.T), w)
 
 

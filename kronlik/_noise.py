@@ -159,6 +159,10 @@ class FullNoise(NamedTuple):
     def diagonal(self) -> Array:
         return jnp.diagonal(self.sigma)
 
+    def apply(self, W: Array) -> Array:
+        """W Σ for W of shape (T, D): the noise part of U applied to unvec'd vectors."""
+        return W @ _sym(self.sigma)
+
     def cotangent(self, pencil: Pencil, s_hat: Array) -> FullNoise:
         """g·∂L/∂Σ = P Ŝ Pᵀ for Ŝ the cotangent in the pencil basis."""
         return FullNoise(_sym(pencil.p @ s_hat @ pencil.p.T))
@@ -196,6 +200,10 @@ class LogVarNoise(NamedTuple):
 
     def diagonal(self) -> Array:
         return jnp.exp(self.log_var)
+
+    def apply(self, W: Array) -> Array:
+        """W Σ for W of shape (T, D) (inf where eˢ overflows: callers guard)."""
+        return W * jnp.exp(self.log_var)[None, :]
 
     def cotangent(self, pencil: Pencil, s_hat: Array) -> LogVarNoise:
         """g·∂L/∂s = eˢ ⊙ diag(P Ŝ Pᵀ) = (Σ_dd/S_dd) ⊙ diag(P̃ Ŝ P̃ᵀ): no eˢ, finite for any finite s."""

@@ -73,9 +73,42 @@ def _loglik(Y: Array, M: Array, K: Array, Sigma: Array) -> Array:
     return -0.5 * (logdet + white @ white + v.shape[0] * math.log(2.0 * math.pi))
 
 
-def loglik(Y: Array, M: Array, K: Array, Sigma: Array) -> Array:
-    """L = -½ log det U - ½ vᵀU⁻¹v - (TD/2) log 2π via the Cholesky factor of U."""
-    return _loglik(*as_dense_arrays(Y, M, K, Sigma))
+def loglik(Y: Array, M: Array, K: Array, Sigma: Array, mask=None) -> Array:
+    """L = -½ log det U - ½ vᵀU⁻¹v - (TD/2) log 2π via the Cholesky factor of U.
+
+    With a concrete (T, D) boolean ``mask`` (True = observed): log N(y_o; 0, U_oo) via the
+    Cholesky factor of U_oo, the rows and columns of U at the observed entries.
+    """
+    Y, M, K, Sigma = as_dense_arrays(Y, M, K, Sigma)
+    if mask is None:
+        return _loglik(Y, M, K, Sigma)
+    obs = observed(mask)
+    v = Y.reshape(-1)[obs]
+    chol = jnp.linalg.cholesky(_dense_covariance(M, K, Sigma)[obs][:, obs])
+    white = solve_triangular(chol, v, lower=True)
+    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
+    return -0.5 * (logdet + white @ white + v.shape[0] * math.log(2.0 * math.pi))
+
+
+def observed(mask) -> np.ndarray:
+    """The indices into vec(Y) of the observed entries of a concrete (T, D) boolean mask."""
+    return np.flatnonzero(np.asarray(mask, bool).reshape(-1))
+
+
+def predict(Y, M, K, Sigma, M_cross, m_new_diag, mask=None) -> tuple[Array, Array]:
+    """The posterior mean and variance of the latent F at new rows (N, D), from dense U_oo."""
+    Y, M, K, Sigma = as_dense_arrays(Y, M, K, Sigma)
+    T, D = Y.shape
+    obs = observed(np.ones((T, D), bool) if mask is None else mask)
+    K = _sym(K)
+    u_oo = _dense_covariance(M, K, Sigma)[obs][:, obs]
+    cross = jnp.kron(M_cross, K)[:, obs]  # (N D, n_o): Cov(vec F_new, y_o)
+    chol = jnp.linalg.cholesky(u_oo)
+    white = solve_triangular(chol, cross.T, lower=True)
+    mean = white.T @ solve_triangular(chol, Y.reshape(-1)[obs], lower=True)
+    var = jnp.kron(m_new_diag, jnp.diagonal(K)) - jnp.sum(white * white, axis=0)
+    N = M_cross.shape[0]
+    return mean.reshape(N, D), var.reshape(N, D)
 
 
 @partial(jax.jit, static_argnums=1)
@@ -142,8 +175,11 @@ class Exact(NamedTuple):
     solve: np.ndarray  # (T, D) W = unvec(U⁻¹ v)
 
 
-def exact(Y, M, K, Sigma=None, *, log_var=None, digits: int = 80, gradients: bool = True) -> Exact:
+def exact(Y, M, K, Sigma=None, *, log_var=None, mask=None, digits: int = 80, gradients: bool = True) -> Exact:
     """The likelihood and every gradient with ``digits`` significant digits (mpmath), for tiny problems.
+
+    With a (T, D) boolean ``mask`` (True = observed), of log N(y_o; 0, U_oo): U_oo is factorised
+    and w, U⁻¹ below are U_oo⁻¹ y_o and U_oo⁻¹ padded with zeros at the missing entries.
 
     Inputs are converted to float64 and then used exactly (Σ = diag(exp(log_var)) is
     exponentiated in the working precision). U is factorised by an mpmath Cholesky; with
@@ -176,20 +212,33 @@ def exact(Y, M, K, Sigma=None, *, log_var=None, digits: int = 80, gradients: boo
                 for d in range(D):
                     for e in range(D):
                         U[t * D + d, u * D + e] = m[t][u] * k[d][e] + (s[d][e] if t == u else 0)
-        v = mpmath.matrix([mp(x) for x in Y.reshape(-1)])
-        L = mpmath.cholesky(U)
-        logdet = 2 * mpmath.fsum(mpmath.log(L[i, i]) for i in range(n))
-        w = mpmath.cholesky_solve(U, v)
-        quad = mpmath.fsum(v[i] * w[i] for i in range(n))
-        value = -(logdet + quad + n * mpmath.log(2 * mpmath.pi)) / 2
+        obs = observed(np.ones((T, D), bool) if mask is None else mask)
+        no = len(obs)
+        U_oo = mpmath.matrix(no, no)
+        for i, a in enumerate(obs):
+            for j, b in enumerate(obs):
+                U_oo[i, j] = U[int(a), int(b)]
+        v = mpmath.matrix([mp(float(Y.reshape(-1)[a])) for a in obs])
+        L = mpmath.cholesky(U_oo)
+        logdet = 2 * mpmath.fsum(mpmath.log(L[i, i]) for i in range(no))
+        w_o = mpmath.cholesky_solve(U_oo, v)
+        quad = mpmath.fsum(v[i] * w_o[i] for i in range(no))
+        value = -(logdet + quad + no * mpmath.log(2 * mpmath.pi)) / 2
+        w = [mp(0)] * n
+        for i, a in enumerate(obs):
+            w[int(a)] = w_o[i]
         W = np.array([[float(w[t * D + d]) for d in range(D)] for t in range(T)])
         if not gradients:
             nan = np.full((1,), np.nan)
             return Exact(float(value), -W, nan, nan, nan, W)
         # U⁻¹ from the Cholesky factor: L⁻¹ by forward substitution, then U⁻¹ = L⁻ᵀ L⁻¹.
         Linv = mpmath.inverse(L)
-        Uinv = Linv.T * Linv
-        gamma = [[w[i] * w[j] - Uinv[i, j] for j in range(n)] for i in range(n)]
+        Uinv_oo = Linv.T * Linv
+        Uinv = [[mp(0)] * n for _ in range(n)]
+        for i, a in enumerate(obs):
+            for j, b in enumerate(obs):
+                Uinv[int(a)][int(b)] = Uinv_oo[i, j]
+        gamma = [[w[i] * w[j] - Uinv[i][j] for j in range(n)] for i in range(n)]
 
         def g(t, d, u, e):
             return gamma[t * D + d][u * D + e]
@@ -209,7 +258,7 @@ def exact(Y, M, K, Sigma=None, *, log_var=None, digits: int = 80, gradients: boo
             noise = np.array([float(s[d][d] * gs[d][d]) for d in range(D)])
         return Exact(
             float(value),
-            -W,
+            -W if mask is None else np.where(mask, -W, 0.0),
             np.array([[float(x) for x in row] for row in gm]),
             np.array([[float(x) for x in row] for row in gk]),
             noise,

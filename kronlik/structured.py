@@ -23,9 +23,9 @@ from jax.custom_derivatives import SymbolicZero
 from ._checks import as_float_arrays, check_eigh_dtype, prepare, same_dtype
 from ._core import (
     Direction,
+    backward,
     Factors,
     Solved,
-    backward,
     factor,
     forward,
     m_gradient,
@@ -36,6 +36,7 @@ from ._core import (
     solution_tangent,
     solve_in_pencil_basis,
 )
+from ._missing import Missing, extra_terms, masked_forward, missing_entries, predictive_correction
 from ._noise import FullNoise, LogVarNoise
 from .forms import Dense, Diagonal, EighFactor, LowRank
 
@@ -172,7 +173,74 @@ def _solve_jvp(eigh_dtype, primals, tangents):
     return nan_unless(s.ok, r @ p.T), nan_unless_linear(s.ok, solution_tangent(f, s, r, d) @ p.T)
 
 
-def loglik(Y: Array, M: MForm, K: Array, Sigma: Array, *, eigh_dtype: str | None = None) -> Array:
+_MASKED_ORDER = (
+    "with a mask, kronlik's hand-derived rules give the first derivatives of loglik and loglik_diag "
+    "in every argument (and none of solve or predict); this needs a second derivative, which is "
+    "not implemented with missing entries yet (without a mask it is)"
+)
+
+
+def _apply_u(form, K, noise):
+    """W ↦ unvec(U vec(W)) = M W K + W Σ, from the inputs themselves (for iterative refinement)."""
+    k_sym = 0.5 * (K + K.T)
+    return lambda W: form.matmul(W @ k_sym) + noise.apply(W)
+
+
+def _masked_value_and_grads_impl(Y, form, K, noise, miss: Missing, eigh_dtype):
+    f = factor(form, K, noise, eigh_dtype)
+    ms = masked_forward(Y, f, miss, _apply_u(form, K, noise))
+    ct = backward(f, ms.solved, jnp.ones((), Y.dtype), extra_terms(f, ms))
+    y = jnp.where(miss.mask, ct.y, jnp.zeros((), Y.dtype))  # missing entries do not enter L
+    return ms.solved.value, (y, form.cotangent(f.basis, ct.m), ct.k, noise.cotangent(f.pencil, ct.s_hat))
+
+
+_masked_value_and_grads = not_differentiable(_masked_value_and_grads_impl, (5,), _MASKED_ORDER)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _loglik_masked(Y, form, K, noise, miss, eigh_dtype):
+    return masked_forward(Y, factor(form, K, noise, eigh_dtype), miss, _apply_u(form, K, noise)).solved.value
+
+
+@partial(_loglik_masked.defjvp, symbolic_zeros=True)
+def _loglik_masked_jvp(eigh_dtype, primals, tangents):
+    value, grads = _masked_value_and_grads(*primals, eigh_dtype)
+    return value, _pair(grads, tangents[:4])
+
+
+@jax.jit
+def _masked_gradients(Y, form, K, noise, miss):
+    return _masked_value_and_grads(Y, form, K, noise, miss, None)[1]
+
+
+def _masked_solve_impl(Y, form, K, noise, miss: Missing, eigh_dtype):
+    f = factor(form, K, noise, eigh_dtype)
+    s = masked_forward(Y, f, miss, _apply_u(form, K, noise)).solved
+    w = solve_in_pencil_basis(f, s) @ f.pencil.p.T
+    return nan_unless(s.ok, jnp.where(miss.mask, w, jnp.zeros((), Y.dtype)))
+
+
+_masked_solve = not_differentiable(_masked_solve_impl, (5,), _MASKED_ORDER.replace("a second", "a derivative"))
+
+
+def _with_mask(Y, mask, max_missing) -> Missing | None:
+    if mask is None:
+        if max_missing is not None:
+            raise ValueError("max_missing is given without a mask")
+        return None
+    return missing_entries(mask, Y.shape, max_missing)
+
+
+def loglik(
+    Y: Array,
+    M: MForm,
+    K: Array,
+    Sigma: Array,
+    *,
+    mask: Array | None = None,
+    max_missing: int | None = None,
+    eigh_dtype: str | None = None,
+) -> Array:
     r"""Log-density of ``vec(Y) ~ N(0, M ⊗ K + I_T ⊗ Σ)``, constant included.
 
     L = -½ log det U - ½ vᵀ U⁻¹ v - (TD/2) log 2π with v = ``Y.reshape(-1)``, in
@@ -191,6 +259,13 @@ def loglik(Y: Array, M: MForm, K: Array, Sigma: Array, *, eigh_dtype: str | None
         :class:`EighFactor`), :class:`LowRank`, :class:`Diagonal`. The gradient has the same form.
       K: (D, D) PSD covariance across outputs.
       Sigma: (D, D) PSD noise covariance (singular is fine where U stays positive definite).
+      mask: optional (T, D) boolean, True where Y is observed: L is then the exact log-density of
+        the observed entries, log N(y_o; 0, U_oo), with Y's missing entries ignored (NaN allowed
+        there) and their gradient zero. Computed through the complete-data factors and a Schur
+        complement over the m missing entries (``kronlik._missing``): O(m T D (T + D) + m² T D + m³)
+        more, no TD×TD matrix; first derivatives in every argument (a second raises TypeError).
+      max_missing: with a traced mask (inside ``jit`` or ``vmap``), a static bound on the number
+        of missing entries (more give NaN); a concrete mask needs none.
       eigh_dtype: the dtype in which M is eigendecomposed (None: the inputs' dtype). With float32
         inputs, ``"float64"`` (needs ``jax_enable_x64``) is kronlik's mixed-precision mode: the one
         step whose float32 error is amplified by K/noise in M's small eigenvalues runs in float64,
@@ -211,10 +286,24 @@ def loglik(Y: Array, M: MForm, K: Array, Sigma: Array, *, eigh_dtype: str | None
     >>> bool(jnp.isclose(L, -0.5 * (T * D * jnp.log(2.0) + T * D / 2 + T * D * jnp.log(2 * jnp.pi))))
     True
     """
-    return _loglik(*prepare(Y, M, K, Sigma, FullNoise), check_eigh_dtype(eigh_dtype))
+    return _dispatch(prepare(Y, M, K, Sigma, FullNoise), mask, max_missing, check_eigh_dtype(eigh_dtype))
 
 
-def loglik_diag(Y: Array, M: MForm, K: Array, log_var: Array, *, eigh_dtype: str | None = None) -> Array:
+def _dispatch(args, mask, max_missing, eigh_dtype) -> Array:
+    miss = _with_mask(args[0], mask, max_missing)
+    return _loglik(*args, eigh_dtype) if miss is None else _loglik_masked(*args, miss, eigh_dtype)
+
+
+def loglik_diag(
+    Y: Array,
+    M: MForm,
+    K: Array,
+    log_var: Array,
+    *,
+    mask: Array | None = None,
+    max_missing: int | None = None,
+    eigh_dtype: str | None = None,
+) -> Array:
     """:func:`loglik` with Σ = diag(exp(log_var)).
 
     exp(log_var) is never formed on its own (only Σ_dd / (αK_dd + Σ_dd) and logaddexp), so the
@@ -226,12 +315,12 @@ def loglik_diag(Y: Array, M: MForm, K: Array, log_var: Array, *, eigh_dtype: str
       M: (T, T) PSD covariance across rows, or a form of it (see :func:`loglik`).
       K: (D, D) PSD covariance across outputs.
       log_var: (D,) log noise variances s, Σ = diag(eˢ).
-      eigh_dtype: as in :func:`loglik`.
+      mask, max_missing, eigh_dtype: as in :func:`loglik`.
 
     Returns:
       The scalar log-density; its gradient in ``log_var`` is :func:`grad_log_var`.
     """
-    return _loglik(*prepare(Y, M, K, log_var, LogVarNoise), check_eigh_dtype(eigh_dtype))
+    return _dispatch(prepare(Y, M, K, log_var, LogVarNoise), mask, max_missing, check_eigh_dtype(eigh_dtype))
 
 
 def loglik_diag_rotated(Y_rot: Array, lam: Array, K: Array, log_var: Array) -> Array:
@@ -329,41 +418,94 @@ def _predict_jvp(eigh_dtype, primals, tangents):
     return (mean, var), (nan_unless_linear(s.ok, d_mean), nan_unless_linear(s.ok, d_var))
 
 
+def _masked_predict_impl(Y, form, K, noise, M_cross, m_new_diag, miss, eigh_dtype):
+    f = factor(form, K, noise, eigh_dtype)
+    ms = masked_forward(Y, f, miss, _apply_u(form, K, noise))
+    (mean, var), (_, kp, _, _, cross, _, outside) = _predictive(f, ms.solved, K, M_cross, m_new_diag)
+    return mean, var + predictive_correction(f, ms, miss, kp, cross, outside)
+
+
+_masked_predict = not_differentiable(_masked_predict_impl, (7,), _MASKED_ORDER.replace("a second", "a derivative"))
+
+
 @partial(jax.jit, static_argnums=4)
 def _gradients(Y, form, K, noise, eigh_dtype):
     # The hand-derived backward pass; under jit only what a caller returns is computed.
     return _value_and_grads(Y, form, K, noise, eigh_dtype)[1]
 
 
-def grad_sigma(Y: Array, M: MForm, K: Array, Sigma: Array, *, eigh_dtype: str | None = None) -> Array:
+def _grads(args, mask, max_missing, eigh_dtype):
+    miss = _with_mask(args[0], mask, max_missing)
+    if miss is None:
+        return _gradients(*args, eigh_dtype)
+    if eigh_dtype is not None:
+        return jax.jit(_masked_value_and_grads, static_argnums=5)(*args, miss, eigh_dtype)[1]
+    return _masked_gradients(*args, miss)
+
+
+def grad_sigma(
+    Y: Array,
+    M: MForm,
+    K: Array,
+    Sigma: Array,
+    *,
+    mask: Array | None = None,
+    max_missing: int | None = None,
+    eigh_dtype: str | None = None,
+) -> Array:
     """∂L/∂Σ = ½ (C - B), the (D, D) gradient of :func:`loglik` in Σ.
 
     B = Σ_k bldiag(U⁻¹, k) is the sum of the T diagonal D×D blocks of U⁻¹ and C = Wᵀ W with
     W = unvec(U⁻¹ v) of shape (T, D); in the pencil basis P (Pᵀ K P, Pᵀ Σ P diagonal),
     ½ (C - B) = P ½ (Rᵀ R - diag(Σ_t 1/E_t·)) Pᵀ with R = W P, never U⁻¹. Equal to
-    ``jax.grad(loglik, argnums=3)``; NaN where :func:`loglik` is NaN.
+    ``jax.grad(loglik, argnums=3)``; NaN where :func:`loglik` is NaN. With a ``mask`` (see
+    :func:`loglik`), the gradient of the observed entries' log-density.
     """
-    return _gradients(*prepare(Y, M, K, Sigma, FullNoise), check_eigh_dtype(eigh_dtype))[3].sigma
+    args = prepare(Y, M, K, Sigma, FullNoise)
+    return _grads(args, mask, max_missing, check_eigh_dtype(eigh_dtype))[3].sigma
 
 
-def grad_log_var(Y: Array, M: MForm, K: Array, log_var: Array, *, eigh_dtype: str | None = None) -> Array:
+def grad_log_var(
+    Y: Array,
+    M: MForm,
+    K: Array,
+    log_var: Array,
+    *,
+    mask: Array | None = None,
+    max_missing: int | None = None,
+    eigh_dtype: str | None = None,
+) -> Array:
     """∂L/∂s = eˢ ⊙ diag(∂L/∂Σ) for Σ = diag(eˢ), shape (D,).
 
     The Hadamard product with the diagonal only: eˢ ⊙ diag(P Ŝ Pᵀ) = w ⊙ diag(P̃ Ŝ P̃ᵀ) with
     w_d = eˢᵈ / (αK_dd + eˢᵈ) ≤ 1 and P̃ the Jacobi-scaled pencil basis, so no D×D gradient and
     no eˢ is formed, and the result is finite for every finite ``log_var``. Equal to
-    ``jax.grad(loglik_diag, argnums=3)``.
+    ``jax.grad(loglik_diag, argnums=3)``; with a ``mask``, of the observed entries' log-density.
     """
-    return _gradients(*prepare(Y, M, K, log_var, LogVarNoise), check_eigh_dtype(eigh_dtype))[3].log_var
+    args = prepare(Y, M, K, log_var, LogVarNoise)
+    return _grads(args, mask, max_missing, check_eigh_dtype(eigh_dtype))[3].log_var
 
 
-def solve(Y: Array, M: MForm, K: Array, Sigma: Array, *, eigh_dtype: str | None = None) -> Array:
+def solve(
+    Y: Array,
+    M: MForm,
+    K: Array,
+    Sigma: Array,
+    *,
+    mask: Array | None = None,
+    max_missing: int | None = None,
+    eigh_dtype: str | None = None,
+) -> Array:
     """W = unvec(U⁻¹ vec(Y)), shape (T, D): the solve behind every gradient (∂L/∂Y = -W).
 
     Linear in Y. Differentiable once in every argument (forward and reverse mode):
     dW = U⁻¹ (dY - dU W) computed in the eigenbasis, exact where eigenvalues repeat.
+    With a ``mask`` (see :func:`loglik`): U_oo⁻¹ y_o on the observed entries and 0 on the
+    missing ones (then not differentiable: a derivative raises TypeError).
     """
-    return _solve(*prepare(Y, M, K, Sigma, FullNoise), check_eigh_dtype(eigh_dtype))
+    args, eigh = prepare(Y, M, K, Sigma, FullNoise), check_eigh_dtype(eigh_dtype)
+    miss = _with_mask(args[0], mask, max_missing)
+    return _solve(*args, eigh) if miss is None else _masked_solve(*args, miss, eigh)
 
 
 _eigenbasis = not_differentiable(lambda m, eigh_dtype: Dense(m).eigenbasis(eigh_dtype), nondiff_argnums=(1,))
@@ -399,6 +541,8 @@ def predict(
     m_new_diag: Array,
     *,
     include_noise: bool = False,
+    mask: Array | None = None,
+    max_missing: int | None = None,
     eigh_dtype: str | None = None,
 ) -> tuple[Array, Array]:
     r"""Posterior predictive of the multi-output GP at N new rows: mean and marginal variances.
@@ -415,6 +559,9 @@ def predict(
     M may be any form (for a :class:`LowRank` M the part of ``M_cross`` outside span(G)
     enters with E = ν). Differentiable once in every argument (forward and reverse mode), by a
     hand-derived rule in the eigenbasis; a derivative of ``var`` in M costs O(N T² D) more.
+    With a ``mask`` (see :func:`loglik`), the predictive given the observed entries only:
+    mean = M_× W̃ K with W̃ the masked :func:`solve`, and var adds back what the missing entries
+    would have explained (O(N m (T D + m)) more; not differentiable).
 
     Returns:
       (mean, var), both (N, D); NaN where :func:`loglik` would be NaN.
@@ -426,7 +573,11 @@ def predict(
             f"M_cross must be (N, T) with T = {Y.shape[0]} and m_new_diag (N,); "
             f"got {M_cross.shape} and {m_new_diag.shape}"
         )
-    mean, var = _predict(Y, form, K, noise, M_cross, m_new_diag, check_eigh_dtype(eigh_dtype))
+    miss, eigh = _with_mask(Y, mask, max_missing), check_eigh_dtype(eigh_dtype)
+    if miss is None:
+        mean, var = _predict(Y, form, K, noise, M_cross, m_new_diag, eigh)
+    else:
+        mean, var = _masked_predict(Y, form, K, noise, M_cross, m_new_diag, miss, eigh)
     if include_noise:
         var = var + noise.diagonal()[None, :]
     return mean, var
