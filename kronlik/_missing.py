@@ -44,6 +44,7 @@ class Missing(NamedTuple):
     col: Array  # (size,) int: d of each missing entry (0 in padded slots)
     valid: Array  # (size,) bool: the slot holds a missing entry
     fits: Array  # () bool: the number of missing entries is at most size
+    guarded: Array  # () bool: traced mask, nothing dropped: NaN where eps·cond(U) > sqrt(eps)
 
     @property
     def size(self) -> int:
@@ -56,10 +57,7 @@ def missing_entries(mask, shape: tuple[int, int], max_missing: int | None) -> Mi
     A concrete mask gives the exact count as the static size; a traced one (inside ``jit`` or
     ``vmap``) needs ``max_missing``, and more missing entries than that make the value NaN.
     """
-    try:  # a numpy array or a concrete JAX array (a jnp.asarray of it inside jit would be traced)
-        concrete = np.asarray(mask)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        concrete = None
+    concrete = _concrete(mask)
     mask = jnp.asarray(mask) if concrete is None else concrete
     if mask.dtype != np.bool_:
         raise TypeError(f"mask must be a boolean array (True = observed); got dtype {mask.dtype}")
@@ -68,6 +66,9 @@ def missing_entries(mask, shape: tuple[int, int], max_missing: int | None) -> Mi
     if max_missing is not None:
         if not isinstance(max_missing, (int, np.integer)) or isinstance(max_missing, bool) or max_missing < 0:
             raise ValueError(f"max_missing must be a non-negative int; got {max_missing!r}")
+    if concrete is not None and not np.any(~concrete):
+        return None
+    if max_missing is not None:
         size = int(max_missing)
     elif concrete is None:
         raise ValueError(
@@ -77,15 +78,13 @@ def missing_entries(mask, shape: tuple[int, int], max_missing: int | None) -> Mi
         )
     else:
         size = int(np.sum(~concrete))
-        if size == 0:
-            return None
     mask = jnp.asarray(mask)
     flat = jnp.reshape(~mask, (-1,))
     (idx,) = jnp.nonzero(flat, size=size, fill_value=0)
     count = jnp.sum(flat)
     valid = jnp.arange(size) < count
     D = shape[1]
-    return Missing(mask, idx // D, idx % D, valid, count <= size)
+    return Missing(mask, idx // D, idx % D, valid, count <= size, jnp.asarray(concrete is None))
 
 
 class MaskedSolved(NamedTuple):
@@ -165,7 +164,15 @@ def masked_forward(Y: Array, f: Factors, miss: Missing, apply_u) -> MaskedSolved
     q_perp = None
     if perp_unit is not None:
         q_perp = jnp.einsum("it,ij,ik->jtk", perp_unit, inv_lt, p_rows / nu[None, :])
-    ok = s0.ok & miss.fits & jnp.all(jnp.isfinite(chol)) & jnp.isfinite(value)
+    # A traced mask cannot drop the rows and outputs never observed (observed_problem), so U may
+    # be far worse conditioned than U_oo; the error is then bounded by eps·cond(U) only: NaN
+    # rather than a number with fewer than half the digits.
+    cond = jnp.max(f.e) / jnp.min(f.e)
+    if f.num_complement():
+        cond = jnp.maximum(jnp.max(f.e), jnp.max(nu)) / jnp.minimum(jnp.min(f.e), jnp.min(nu))
+    eps = float(jnp.finfo(dtype).eps)
+    trusted = ~miss.guarded | (cond * eps <= math.sqrt(eps))
+    ok = s0.ok & miss.fits & trusted & jnp.all(jnp.isfinite(chol)) & jnp.isfinite(value)
     solved = Solved(jnp.where(ok, value, jnp.nan), a, a_perp, ok)
     return MaskedSolved(solved, q_a, q_perp, chol, a_unit, perp_unit)
 
@@ -190,3 +197,60 @@ def predictive_correction(f: Factors, ms: MaskedSolved, miss: Missing, kp: Array
     n, d, size = g.shape
     white = solve_triangular(ms.chol, g.reshape(n * d, size).T, lower=True)
     return jnp.sum(white * white, axis=0).reshape(n, d)
+
+
+class Observed(NamedTuple):
+    """The problem that a concrete mask leaves: rows never observed dropped, outputs never
+    observed given a benign noise variance (neither changes U_oo), and what is still missing."""
+
+    args: tuple  # (Y, form, K, noise) of the reduced problem
+    miss: Missing | None  # the missing entries left (None: none)
+    rows: np.ndarray | None  # the rows kept (None: all)
+    nothing_observed: bool
+
+
+def _concrete(mask):
+    try:  # a numpy array or a concrete JAX array (a jnp.asarray of it inside jit would be traced)
+        return np.asarray(mask)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def observed_problem(args: tuple, mask, max_missing: int | None, keep_k: bool = False) -> Observed:
+    r"""The observed entries' problem, made as well conditioned as U_oo allows without a TD×TD matrix.
+
+    The Schur complement works through the complete U, whose conditioning can be far worse than
+    U_oo's where whole rows or outputs are missing (a zero row of M, a near-duplicate time, a
+    noise-free or singular output that is never observed). Rows of Y never observed are dropped
+    (``form.take``: M[rows][:, rows], exact); an output never observed gets noise variance
+    α·mean(diag K) (α = tr M / T) and no coupling in K (with ``keep_k``, for prediction, K is
+    kept: the latent of that output is still predicted through it). U_oo is unchanged, and so
+    are L and its gradients, which are exactly 0 in what was replaced. Needs a concrete mask; a
+    traced one (with ``max_missing``) is used as it is.
+    """
+    Y, form, K, noise = args
+    if mask is None:
+        if max_missing is not None:
+            raise ValueError("max_missing is given without a mask")
+        return Observed(args, None, None, False)
+    concrete = _concrete(mask)
+    if concrete is None:
+        return Observed(args, missing_entries(mask, Y.shape, max_missing), None, False)
+    missing_entries(concrete, Y.shape, max_missing)  # the checks of dtype, shape and bound
+    if not concrete.any():
+        return Observed(args, None, None, True)
+    rows = None
+    if not concrete.any(axis=1).all():
+        rows = np.flatnonzero(concrete.any(axis=1))
+        Y, form, concrete = Y[rows], form.take(rows), concrete[rows]
+    dead = ~concrete.any(axis=0)
+    if dead.any():
+        dtype = Y.dtype
+        scale = jax.lax.stop_gradient(form.trace() / Y.shape[0] * jnp.mean(jnp.diagonal(K)))
+        scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, jnp.ones((), dtype))
+        noise = noise.with_outputs_replaced(dead, scale)
+        if not keep_k:
+            cut = dead[:, None] | dead[None, :]
+            kept = jnp.where(np.eye(len(dead), dtype=bool), jax.lax.stop_gradient(K), jnp.zeros((), dtype))
+            K = jnp.where(cut, kept, K)
+    return Observed((Y, form, K, noise), missing_entries(concrete, Y.shape, max_missing), rows, False)

@@ -163,6 +163,13 @@ class FullNoise(NamedTuple):
         """W Σ for W of shape (T, D): the noise part of U applied to unvec'd vectors."""
         return W @ _sym(self.sigma)
 
+    def with_outputs_replaced(self, outputs, variance: Array) -> FullNoise:
+        """Σ with the rows and columns of ``outputs`` (a concrete bool (D,)) set to ``variance``·e_d e_dᵀ."""
+        D = self.sigma.shape[0]
+        cut = outputs[:, None] | outputs[None, :]
+        benign = jnp.where(jnp.eye(D, dtype=bool), variance, jnp.zeros((), self.sigma.dtype))
+        return FullNoise(jnp.where(cut, benign, self.sigma))
+
     def cotangent(self, pencil: Pencil, s_hat: Array) -> FullNoise:
         """g·∂L/∂Σ = P Ŝ Pᵀ for Ŝ the cotangent in the pencil basis."""
         return FullNoise(_sym(pencil.p @ s_hat @ pencil.p.T))
@@ -204,6 +211,10 @@ class LogVarNoise(NamedTuple):
     def apply(self, W: Array) -> Array:
         """W Σ for W of shape (T, D) (inf where eˢ overflows: callers guard)."""
         return W * jnp.exp(self.log_var)[None, :]
+
+    def with_outputs_replaced(self, outputs, variance: Array) -> LogVarNoise:
+        """log_var with the entries of ``outputs`` (a concrete bool (D,)) set to log(``variance``)."""
+        return LogVarNoise(jnp.where(outputs, jnp.log(variance), self.log_var))
 
     def cotangent(self, pencil: Pencil, s_hat: Array) -> LogVarNoise:
         """g·∂L/∂s = eˢ ⊙ diag(P Ŝ Pᵀ) = (Σ_dd/S_dd) ⊙ diag(P̃ Ŝ P̃ᵀ): no eˢ, finite for any finite s."""

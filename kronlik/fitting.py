@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -28,9 +29,11 @@ class FitResult(NamedTuple):
     ``value``: the objective there (L for :func:`fit_log_var`, which maximises it; the
     loss for :func:`fit`, which minimises it). ``value_history`` and
     ``grad_norm_history`` (max-abs gradient) have one entry per step, NaN after the
-    last; ``num_steps`` is how many were taken and ``converged`` whether the gradient
-    fell below ``tol`` or the objective's relative change below ``rtol`` (False if it
-    hit ``num_steps`` or the value went NaN).
+    last; ``num_steps`` is how many were taken; ``converged`` says the gradient test held
+    (max-abs gradient ≤ ``tol``) at the returned parameters, ``stalled`` that the fit stopped
+    because the objective's relative change fell below ``rtol`` while the gradient was still
+    above ``tol`` (a float32 fit at rounding level, or a flat ridge). Both are False if it hit
+    ``num_steps`` or the value went NaN.
 
     ``information``: the (P, P) information matrix at ``params`` (P scalars in
     ``jax.flatten_util.ravel_pytree`` order), observed or expected as the fitting function
@@ -48,6 +51,7 @@ class FitResult(NamedTuple):
     converged: Array
     information: Array | None = None
     std_errors: Any = None
+    stalled: Array | bool = False
 
 
 def _std_errors(information: Array, params) -> Any:
@@ -73,13 +77,16 @@ def _minimise(
     progress: bool,
     chunk_size: int,
     sign: float,
+    progress_every: float = 5.0,
 ) -> FitResult:
-    """The optax loop, jit-compiled in chunks of ``chunk_size`` steps.
+    """The optax loop, jit-compiled in chunks of at most ``chunk_size`` steps.
 
     ``value_and_grad_fn`` gives the objective to *minimise* and its gradient; ``sign``
     flips the recorded values back (-1 when the caller maximises L). Between chunks
     control returns to Python, which prints progress if asked: the steps themselves
-    run in one compiled ``lax.while_loop`` per chunk.
+    run in one compiled ``lax.while_loop`` per chunk, sized from the measured time per
+    step so that a line appears about every ``progress_every`` seconds (the step bound is
+    an argument of the compiled loop: resizing does not recompile).
     """
     opt = optax.with_extra_args_support(optimizer)
     leaves = jax.tree_util.tree_leaves(params)
@@ -125,18 +132,30 @@ def _minimise(
     with jax.numpy_dtype_promotion("standard"):
         state = opt.init(params)
     carry = (params, state, jnp.array(0), jnp.array(False), nan, nan, nan_history, nan_history)
+    # optax's state holds weakly typed scalars that its first update makes strong: strong from the
+    # start, so that the second chunk does not compile the loop again.
+    carry = jax.tree_util.tree_map(lambda x: jnp.array(x, dtype=jnp.asarray(x).dtype), carry)
+    start = time.perf_counter()
+    size = 1 if progress else chunk_size  # the first chunk (compile included) times a step
     while int(carry[2]) < num_steps and not bool(carry[3]):
-        carry = run_chunk(carry, jnp.array(min(int(carry[2]) + chunk_size, num_steps)))
+        before, tick = int(carry[2]), time.perf_counter()
+        carry = run_chunk(carry, jnp.array(min(before + size, num_steps)))
+        taken = int(carry[2]) - before
         if progress:
+            per_step = (time.perf_counter() - tick) / max(taken, 1)
+            size = int(min(chunk_size, max(1, progress_every / max(per_step, 1e-9))))
             print(
-                f"  step {int(carry[2]):6d}   objective {float(carry[4]): .8g}   max|grad| {float(carry[5]):.3e}",
+                f"  step {int(carry[2]):6d}   objective {float(carry[4]): .8g}   max|grad| {float(carry[5]):.3e}"
+                f"   {time.perf_counter() - start:7.1f} s",
                 file=sys.stderr,
                 flush=True,
             )
-    params, _, steps, converged, _, _, values, gnorms = carry
-    # Without convergence the last step moved params after its value was recorded.
+    params, _, steps, done, _, gnorm, values, gnorms = carry
+    # Without stopping the last step moved params after its value was recorded.
     value = sign * jax.jit(value_fn)(params)
-    return FitResult(params, value, values, gnorms, steps, converged & jnp.isfinite(value))
+    finite = jnp.isfinite(value)
+    converged = done & (gnorm <= tol) & finite
+    return FitResult(params, value, values, gnorms, steps, converged, stalled=done & ~converged & finite)
 
 
 # Upward steps tried for each log-scale parameter when a fit has stopped (see _escape_plateaus).
@@ -245,6 +264,26 @@ def information_step(
     return optax.GradientTransformation(init, update)
 
 
+def observed_information(grad_fn: Callable[[Any], Any], params) -> Array:
+    """The Hessian of a loss at ``params`` by central differences of its exact gradient, (P, P).
+
+    For -L this is the observed information. Used where no closed form exists (missing
+    entries): each column costs two gradients, with the step h_i = eps^(1/3) max(1, |θ_i|)
+    that balances truncation (h²) against rounding (eps/h): about eps^(2/3) relative
+    (4e-11 in float64, 2e-5 in float32). Symmetrised; ``jax.flatten_util.ravel_pytree`` order.
+    """
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    steps = float(jnp.finfo(flat.dtype).eps) ** (1.0 / 3.0) * jnp.maximum(1.0, jnp.abs(flat))
+    flat_grad = jax.jit(lambda x: jax.flatten_util.ravel_pytree(grad_fn(unravel(x)))[0])
+    eye = jnp.eye(flat.size, dtype=flat.dtype)
+    cols = [
+        (flat_grad(flat + steps[i] * eye[i]) - flat_grad(flat - steps[i] * eye[i])) / (2 * steps[i])
+        for i in range(flat.size)
+    ]
+    h = jnp.stack(cols, axis=1)
+    return 0.5 * (h + h.T)
+
+
 def _default_tol(dtype) -> float:
     return float(jnp.sqrt(jnp.finfo(dtype).eps))
 
@@ -264,6 +303,7 @@ def fit_log_var(
     eigh_dtype: str | None = None,
     information: str | None = "observed",
     method: str = "lbfgs",
+    mask: Array | None = None,
 ) -> FitResult:
     """Maximise L over the log noise variances s, Σ = diag(eˢ), with M and K fixed.
 
@@ -295,6 +335,10 @@ def fit_log_var(
         (:func:`kronlik.hessian_log_var`) and the standard errors of s from it; ``"expected"``:
         the Fisher information (:func:`kronlik.fisher_log_var`) instead; None: neither. Both are
         closed forms, O(T D³) once. The standard error of the variance eˢᵈ is eˢᵈ times that of s_d.
+      mask: optional (T, D) boolean, True where Y is observed (see :func:`kronlik.loglik`): the
+        likelihood of the observed entries is maximised. Y is then not rotated (each step costs
+        O(T² D) plus the missing entries' share), ``method`` must be ``"lbfgs"``, and the
+        observed information is :func:`observed_information` of the exact gradient.
 
     Returns:
       A :class:`FitResult` whose ``params`` are the fitted log-variances, ``value`` the final
@@ -306,24 +350,30 @@ def fit_log_var(
         raise ValueError(f"method must be 'lbfgs' or 'newton'; got {method!r}")
     if method == "newton" and optimizer is not None:
         raise ValueError("method='newton' chooses its own optimizer; pass optimizer only with method='lbfgs'")
+    if mask is not None and (method == "newton" or information == "expected"):
+        raise ValueError("with a mask, fit_log_var takes method='lbfgs' and information='observed' or None")
     Y, form, K, noise = prepare(Y, M, K, log_var0, LogVarNoise)
     log_var0 = noise.log_var
     if isinstance(form, Dense):
         form = factorize(form.matrix, eigh_dtype=eigh_dtype)
-    if isinstance(form, EighFactor):  # rotate once; each step is then O(TD² + D³)
+    if isinstance(form, EighFactor) and mask is None:  # rotate once; each step is then O(TD² + D³)
         y_fit, m_fit = form.vectors.T @ Y, Diagonal(form.values)
-    else:
+    else:  # (missing entries are where they are: no rotation)
         y_fit, m_fit = Y, form
     tol = _default_tol(Y.dtype) if tol is None else tol
     rtol = 4 * float(jnp.finfo(Y.dtype).eps) if rtol is None else rtol
-    value_and_grad = jax.value_and_grad(loglik_diag, argnums=3)  # the hand-derived backward pass
+
+    def objective(s):
+        return loglik_diag(y_fit, m_fit, K, s, mask=mask)
+
+    value_and_grad = jax.value_and_grad(objective)  # the hand-derived backward pass
 
     def neg_value_and_grad(s):
-        value, grad = value_and_grad(y_fit, m_fit, K, s)
+        value, grad = value_and_grad(s)
         return -value, -grad
 
     def neg_value(s):  # for line searches
-        return -loglik_diag(y_fit, m_fit, K, s)
+        return -objective(s)
 
     if method == "newton":
         optimizer = optax.chain(
@@ -331,7 +381,7 @@ def fit_log_var(
             optax.scale_by_backtracking_linesearch(max_backtracking_steps=40),
         )
     optimizer = optax.lbfgs() if optimizer is None else optimizer
-    mask = jnp.ones(log_var0.shape, bool)  # every log-variance can stall on the plateau at -inf
+    plateau = jnp.ones(log_var0.shape, bool)  # every log-variance can stall on the plateau at -inf
     result = _minimise_escaping(
         neg_value_and_grad,
         neg_value,
@@ -343,11 +393,13 @@ def fit_log_var(
         progress,
         chunk_size,
         -1.0,
-        mask,
+        plateau,
     )
     if information is None:
         return result
-    if information == "observed":
+    if information == "observed" and mask is not None:
+        info = observed_information(jax.grad(lambda s: -objective(s)), result.params)
+    elif information == "observed":
         info = -jax.jit(hessian_log_var)(y_fit, m_fit, K, result.params)
     else:
         info = jax.jit(fisher_log_var)(m_fit, K, result.params)

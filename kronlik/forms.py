@@ -10,6 +10,8 @@ Every form is a small NamedTuple of arrays (so a pytree: it passes through ``jax
   form that decomposes M computes it in ``eigh_dtype`` (None: M's dtype) and rounds the result;
 * ``cotangent(basis, ct)``: the form's own cotangent given ∂L/∂M as an :class:`MCotangent`;
 * ``dense()``: M as a (T, T) array (for references and small problems);
+* ``take(rows)``: the form of M[rows][:, rows] (rows a concrete index array; missing entries
+  drop the rows of Y that are never observed);
 * ``matmul(X)``, ``rotated(basis)``, ``trace()``: M X, Vᵀ M V (the diagonal, (T,), for a basis
   with V = I) and tr M as plain functions of the form's arrays. The second-order rules take the
   tangent of M along a direction, and the form's part of a Hessian-vector product, from
@@ -189,6 +191,9 @@ class Dense(NamedTuple):
     def trace(self) -> Array:
         return jnp.trace(self.matrix)
 
+    def take(self, rows) -> Dense:
+        return Dense(self.matrix[rows][:, rows])
+
 
 class EighFactor(NamedTuple):
     """M = vectors @ diag(values) @ vectors.T, as :func:`kronlik.factorize` returns it.
@@ -235,6 +240,10 @@ class EighFactor(NamedTuple):
 
     def trace(self) -> Array:
         return jnp.sum((self.vectors * self.vectors) @ self.values)
+
+    def take(self, rows) -> Dense:
+        v = self.vectors[rows]  # not orthonormal any more: the submatrix, dense
+        return Dense((v * self.values[None, :]) @ v.T)
 
 
 class LowRank(NamedTuple):
@@ -289,6 +298,9 @@ class LowRank(NamedTuple):
     def trace(self) -> Array:
         return jnp.sum(self.factor * self.factor)
 
+    def take(self, rows) -> LowRank:
+        return LowRank(self.factor[rows])
+
 
 class Diagonal(NamedTuple):
     """M = diag(values): already in its eigenbasis (Y rotated once by a fixed M's eigenvectors).
@@ -329,6 +341,9 @@ class Diagonal(NamedTuple):
 
     def trace(self) -> Array:
         return jnp.sum(self.values)
+
+    def take(self, rows) -> Diagonal:
+        return Diagonal(self.values[rows])
 
 
 FORMS = (Dense, EighFactor, LowRank, Diagonal)

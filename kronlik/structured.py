@@ -23,9 +23,9 @@ from jax.custom_derivatives import SymbolicZero
 from ._checks import as_float_arrays, check_eigh_dtype, prepare, same_dtype
 from ._core import (
     Direction,
-    backward,
     Factors,
     Solved,
+    backward,
     factor,
     forward,
     m_gradient,
@@ -36,7 +36,7 @@ from ._core import (
     solution_tangent,
     solve_in_pencil_basis,
 )
-from ._missing import Missing, extra_terms, masked_forward, missing_entries, predictive_correction
+from ._missing import Missing, extra_terms, masked_forward, observed_problem, predictive_correction
 from ._noise import FullNoise, LogVarNoise
 from .forms import Dense, Diagonal, EighFactor, LowRank
 
@@ -208,11 +208,6 @@ def _loglik_masked_jvp(eigh_dtype, primals, tangents):
     return value, _pair(grads, tangents[:4])
 
 
-@jax.jit
-def _masked_gradients(Y, form, K, noise, miss):
-    return _masked_value_and_grads(Y, form, K, noise, miss, None)[1]
-
-
 def _masked_solve_impl(Y, form, K, noise, miss: Missing, eigh_dtype):
     f = factor(form, K, noise, eigh_dtype)
     s = masked_forward(Y, f, miss, _apply_u(form, K, noise)).solved
@@ -221,14 +216,6 @@ def _masked_solve_impl(Y, form, K, noise, miss: Missing, eigh_dtype):
 
 
 _masked_solve = not_differentiable(_masked_solve_impl, (5,), _MASKED_ORDER.replace("a second", "a derivative"))
-
-
-def _with_mask(Y, mask, max_missing) -> Missing | None:
-    if mask is None:
-        if max_missing is not None:
-            raise ValueError("max_missing is given without a mask")
-        return None
-    return missing_entries(mask, Y.shape, max_missing)
 
 
 def loglik(
@@ -290,8 +277,14 @@ def loglik(
 
 
 def _dispatch(args, mask, max_missing, eigh_dtype) -> Array:
-    miss = _with_mask(args[0], mask, max_missing)
-    return _loglik(*args, eigh_dtype) if miss is None else _loglik_masked(*args, miss, eigh_dtype)
+    obs = observed_problem(args, mask, max_missing)
+    if obs.nothing_observed:
+        return jnp.zeros((), args[0].dtype)  # the density of no entries
+    if obs.miss is None:
+        return _loglik(*obs.args, eigh_dtype)
+    if obs.miss.size == 0:  # max_missing=0: the complete-data value, NaN if anything is missing
+        return jnp.where(obs.miss.fits, _loglik(*obs.args, eigh_dtype), jnp.nan)
+    return _loglik_masked(*obs.args, obs.miss, eigh_dtype)
 
 
 def loglik_diag(
@@ -421,7 +414,9 @@ def _predict_jvp(eigh_dtype, primals, tangents):
 def _masked_predict_impl(Y, form, K, noise, M_cross, m_new_diag, miss, eigh_dtype):
     f = factor(form, K, noise, eigh_dtype)
     ms = masked_forward(Y, f, miss, _apply_u(form, K, noise))
-    (mean, var), (_, kp, _, _, cross, _, outside) = _predictive(f, ms.solved, K, M_cross, m_new_diag)
+    (_, var), (k_sym, kp, _, w, cross, _, outside) = _predictive(f, ms.solved, K, M_cross, m_new_diag)
+    # the mean from W̃ with its missing entries exactly 0 (they hold the Schur formula's round-off)
+    mean = nan_unless(ms.solved.ok, M_cross @ (jnp.where(miss.mask, w, jnp.zeros((), w.dtype)) @ k_sym))
     return mean, var + predictive_correction(f, ms, miss, kp, cross, outside)
 
 
@@ -435,12 +430,13 @@ def _gradients(Y, form, K, noise, eigh_dtype):
 
 
 def _grads(args, mask, max_missing, eigh_dtype):
-    miss = _with_mask(args[0], mask, max_missing)
-    if miss is None:
+    if mask is None and max_missing is None:
         return _gradients(*args, eigh_dtype)
-    if eigh_dtype is not None:
-        return jax.jit(_masked_value_and_grads, static_argnums=5)(*args, miss, eigh_dtype)[1]
-    return _masked_gradients(*args, miss)
+    # With a mask, the gradient of the dispatched likelihood: dropped rows and replaced outputs
+    # map back by the derivative of the slicing (zeros there), the rest is the hand-derived rule.
+    Y, form, K, noise = args
+    grad = jax.grad(lambda n: _dispatch((Y, form, K, n), mask, max_missing, eigh_dtype))(noise)
+    return None, None, None, grad
 
 
 def grad_sigma(
@@ -504,8 +500,16 @@ def solve(
     missing ones (then not differentiable: a derivative raises TypeError).
     """
     args, eigh = prepare(Y, M, K, Sigma, FullNoise), check_eigh_dtype(eigh_dtype)
-    miss = _with_mask(args[0], mask, max_missing)
-    return _solve(*args, eigh) if miss is None else _masked_solve(*args, miss, eigh)
+    obs = observed_problem(args, mask, max_missing)
+    if obs.nothing_observed:
+        return jnp.zeros_like(args[0])
+    if obs.miss is None:
+        w = _solve(*obs.args, eigh)
+    elif obs.miss.size == 0:
+        w = jnp.where(obs.miss.fits, _solve(*obs.args, eigh), jnp.nan)
+    else:
+        w = _masked_solve(*obs.args, obs.miss, eigh)
+    return w if obs.rows is None else jnp.zeros_like(args[0]).at[obs.rows].set(w)
 
 
 _eigenbasis = not_differentiable(lambda m, eigh_dtype: Dense(m).eigenbasis(eigh_dtype), nondiff_argnums=(1,))
@@ -573,11 +577,20 @@ def predict(
             f"M_cross must be (N, T) with T = {Y.shape[0]} and m_new_diag (N,); "
             f"got {M_cross.shape} and {m_new_diag.shape}"
         )
-    miss, eigh = _with_mask(Y, mask, max_missing), check_eigh_dtype(eigh_dtype)
-    if miss is None:
-        mean, var = _predict(Y, form, K, noise, M_cross, m_new_diag, eigh)
+    eigh = check_eigh_dtype(eigh_dtype)
+    obs = observed_problem((Y, form, K, noise), mask, max_missing, keep_k=True)
+    if obs.nothing_observed:  # the prior
+        k_diag = jnp.diagonal(K)
+        mean, var = jnp.zeros((M_cross.shape[0], Y.shape[1]), Y.dtype), m_new_diag[:, None] * k_diag[None, :]
     else:
-        mean, var = _masked_predict(Y, form, K, noise, M_cross, m_new_diag, miss, eigh)
+        cross = M_cross if obs.rows is None else M_cross[:, obs.rows]
+        if obs.miss is None:
+            mean, var = _predict(*obs.args, cross, m_new_diag, eigh)
+        elif obs.miss.size == 0:
+            mean, var = _predict(*obs.args, cross, m_new_diag, eigh)
+            mean, var = (jnp.where(obs.miss.fits, x, jnp.nan) for x in (mean, var))
+        else:
+            mean, var = _masked_predict(*obs.args, cross, m_new_diag, obs.miss, eigh)
     if include_noise:
         var = var + noise.diagonal()[None, :]
     return mean, var

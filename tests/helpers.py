@@ -79,3 +79,33 @@ def exact_log_var_hessian(Y, M, K, s, digits=60):
                     )
                 hess[d, e] = float(h)
         return hess, fisher
+
+
+def rebuild_fit(fitted: dict, t, Y):
+    """(Y - μ, M, K, Σ, mask) in data units from a ``kronlik fit --out`` JSON and the table it fitted.
+
+    Uses only what the JSON holds (kernel, its parameters, nugget, time origin, K, noise
+    variances, column means), so a test of it is a test that the JSON rebuilds the model.
+    """
+    import jax.numpy as jnp
+
+    from kronlik import kernels
+
+    kern = fitted["kernel"]
+    k = kernels.parse(kern["spec"])
+    params = {
+        "log_lengthscale": jnp.log(jnp.asarray(kern["lengthscale"])),
+        "log_period": jnp.log(jnp.asarray(kern["period"], jnp.float64)),
+        "log_amplitude": jnp.log(jnp.asarray(kern["amplitude"])),
+    }
+    x = jnp.asarray(np.asarray(t, np.float64) - fitted["time"]["origin"])
+    if kern["method"] == "dense":
+        M = k(params, x) + kern["nugget"] * jnp.eye(x.shape[0])
+    else:
+        z = jnp.asarray(np.asarray(kern["inducing_times"]) - fitted["time"]["origin"])
+        chol = jnp.linalg.cholesky(k(params, z) + kern["nugget"] * jnp.eye(z.shape[0]))
+        G = jnp.linalg.solve(chol, k(params, z, x)).T
+        M = G @ G.T
+    mask = np.isfinite(Y)
+    Yc = jnp.asarray(np.where(mask, Y - np.asarray(fitted["column_mean"]), 0.0))
+    return Yc, M, jnp.asarray(fitted["K"]), jnp.diag(jnp.asarray(fitted["noise_variance"])), mask

@@ -53,3 +53,31 @@ def test_second_order_benchmark_smoke():
     row = result["costs"][0]
     assert set(row["ratio"]) >= {"HVP, all arguments", "jax.hessian in s", "hessian_log_var"}
     assert max(row["agree"].values()) < 1e-10  # the HVP and jax.hessian route equal the closed form
+
+
+def test_missing_benchmark_smoke(tmp_path):
+    import importlib.util
+
+    import jax.numpy as jnp
+
+    from kronlik import reference
+
+    out = tmp_path / "missing.json"
+    argv = ["--sizes", "16x3", "--missing", "0.5", "--repeats", "1", "--budget", "0.1", "--json", str(out)]
+    argv += ["--gpytorch-size", "12x3"] if importlib.util.find_spec("gpytorch") else ["--no-gpytorch"]
+    module = runpy.run_path(str(ROOT / "benchmarks" / "missing.py"))
+    result = module["main"](argv)
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == result["rows"] and [r["n_missing"] for r in saved["rows"]] == [24]
+    Y, M, K, s = module["problem"](16, 3, jnp.float64)
+    for r in saved["rows"]:
+        assert {"masked value", "masked value+grad", "complete value+grad", "dense value+grad"} <= set(r["seconds"])
+        assert r["ratio"]["masked value+grad"] == 1.0
+        assert max(v for k, v in r["agree"].items() if k.startswith("value")) < 1e-9
+        assert max(v for k, v in r["agree"].items() if k.startswith("∂")) < 1e-8
+        mask = module["random_mask"](16, 3, r["missing_fraction"])
+        want = float(reference.loglik(jnp.where(mask, Y, jnp.nan), M, K, jnp.diag(jnp.exp(s)), mask=mask))
+        assert abs(r["value"] - want) < 1e-9 * abs(want)  # the density of the observed entries, not of all
+    if saved["gpytorch"] is not None:
+        gp = saved["gpytorch"]
+        assert gp["gpytorch Cholesky rel diff"] < 1e-9 and gp["gpytorch Cholesky ∂K rel diff"] < 1e-8

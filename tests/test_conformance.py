@@ -270,9 +270,7 @@ def test_missing_entries_in_every_entry_point(form_name, noise_name, dtype):
     fn = kronlik.loglik if noise_name == "Sigma" else kronlik.loglik_diag
     what = f"{form_name}/{noise_name}/{dtype} masked"
     value, grads = jax.jit(jax.value_and_grad(lambda *a: fn(*a, mask=MASK), argnums=(0, 1, 2, 3)))(*low)
-    ref_value, ref_grads = jax.value_and_grad(_reference_loglik(noise_name, MASK), argnums=(0, 1, 2, 3))(
-        Y, M, K, noise
-    )
+    ref_value, ref_grads = jax.value_and_grad(_reference_loglik(noise_name, MASK), argnums=(0, 1, 2, 3))(Y, M, K, noise)
     assert value.dtype == dtype and all(g.dtype == dtype for g in jax.tree_util.tree_leaves(grads))
     assert abs(float(value) - float(ref_value)) < TOL[dtype] * abs(float(ref_value)), what
     assert np.all(np.asarray(grads[0])[~MASK] == 0.0), what  # missing entries do not enter L

@@ -1,6 +1,5 @@
 """check_gradients and `python -m kronlik check`: they pass on good gradients and catch wrong ones."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

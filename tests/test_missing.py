@@ -141,9 +141,9 @@ def test_traced_masks_under_jit_and_vmap():
 
     @jax.jit
     def batched(Y, masks):
-        return jax.vmap(lambda m: jax.value_and_grad(kronlik.loglik, argnums=3)(Y, M, K, Sigma, mask=m, max_missing=most))(
-            masks
-        )
+        return jax.vmap(
+            lambda m: jax.value_and_grad(kronlik.loglik, argnums=3)(Y, M, K, Sigma, mask=m, max_missing=most)
+        )(masks)
 
     values, grads = batched(Y, masks)
     for b in range(masks.shape[0]):
@@ -192,3 +192,84 @@ def test_no_td_by_td_array_anywhere():
     jaxpr = jax.make_jaxpr(fn)(*args)
     sizes = [int(np.prod(v.aval.shape)) for e in eqns(jaxpr.jaxpr) for v in e.outvars if hasattr(v.aval, "shape")]
     assert max(sizes) <= max(T * T, 5 * T * D) < (T * D) ** 2 // 10  # (m + 1) T D: w̃ and the q_k
+
+
+def _degenerate_cases():
+    # The complete U is singular or nearly so, U_oo is well conditioned: rows and outputs that
+    # are never observed must not be able to spoil the observed entries' likelihood.
+    rng = np.random.default_rng(27)
+    T, D = 5, 3
+    k = spd(rng, D, 0.1)
+    zero_row = spd(rng, T, 0.1)
+    zero_row[4, :] = zero_row[:, 4] = 0.0
+    row_missing = np.ones((T, D), bool)
+    row_missing[4] = False
+    out_missing = np.ones((T, D), bool)
+    out_missing[:, 0] = False
+    scattered = row_missing.copy()
+    scattered[1, 2] = scattered[2, 0] = False
+    a = rng.standard_normal((T, T - 1))
+    singular = a @ a.T / T
+    k_zero = k.copy()
+    k_zero[2, :] = k_zero[:, 2] = 0.0
+    x = np.array([0.0, 0.3, 0.3 + 1e-7, 0.7, 1.0])
+    near = np.exp(-0.5 * (x[:, None] - x[None, :]) ** 2 / 0.3**2)
+    dup_missing = np.ones((T, D), bool)
+    dup_missing[2] = False
+    return {
+        # (M, K, Σ, mask)
+        "M zero row, row missing, Σ = 1e-40 I": (zero_row, k, 1e-40 * np.eye(D), scattered),
+        "M zero row, row missing, Σ = 0": (zero_row, k, np.zeros((D, D)), row_missing),
+        "M singular, output never observed, its noise 1e-15": (singular, k, np.diag([1e-15, 0.5, 0.7]), out_missing),
+        "M singular, output never observed, its noise 0": (singular, k, np.diag([0.0, 0.5, 0.7]), out_missing),
+        "K zero for an output never observed, its noise 0": (
+            spd(rng, T, 0.1),
+            k_zero,
+            np.diag([0.3, 0.4, 0.0]),
+            out_missing[:, ::-1],
+        ),
+        "near-duplicate time missing, noise 1e-14": (near, k, 1e-14 * np.eye(D), dup_missing),
+    }
+
+
+DEGENERATE = _degenerate_cases()
+
+
+@pytest.mark.parametrize("case", list(DEGENERATE))
+def test_degenerate_complete_model_with_a_well_posed_observed_part(case):
+    M, K, Sigma, mask = DEGENERATE[case]
+    Y = np.random.default_rng(28).standard_normal(mask.shape)
+    exact = reference.exact(Y, M, K, Sigma, mask=mask, digits=60)
+    y_nan = jnp.asarray(np.where(mask, Y, np.nan))
+    value, grads = jax.value_and_grad(lambda *a: kronlik.loglik(*a, mask=mask), argnums=(0, 1, 2, 3))(
+        y_nan, M, K, Sigma
+    )
+    assert abs(float(value) - exact.value) < 1e-10 * abs(exact.value), case
+    for name, got, want in zip("YMKΣ", grads, (exact.y, exact.m, exact.k, exact.noise)):
+        assert max_rel(got, want) < 1e-10, f"{case} ∂L/∂{name}: {max_rel(got, want):.1e}"
+    # the same through a LowRank M (M = G Gᵀ) where M is given as one
+    if np.allclose(M[4], 0):
+        G = jnp.asarray(np.linalg.cholesky(M[:4, :4] + 0.0))
+        G = jnp.concatenate([G, jnp.zeros((1, 4))])
+        got = kronlik.loglik(y_nan, kronlik.LowRank(G), K, Sigma, mask=mask)
+        assert abs(float(got) - exact.value) < 1e-10 * abs(exact.value), case
+
+
+def test_traced_masks_give_nan_not_a_wrong_number_where_the_complete_model_is_singular():
+    # A traced mask cannot drop what is never observed; where the complete U is too ill
+    # conditioned for the Schur complement (eps·cond(U) > sqrt(eps)), NaN, never a number.
+    M, K, Sigma, mask = DEGENERATE["M zero row, row missing, Σ = 1e-40 I"]
+    Y = jnp.asarray(np.where(mask, 1.0, np.nan))
+    assert np.isfinite(kronlik.loglik(Y, M, K, Sigma, mask=mask))  # concrete: rows dropped, exact
+    traced = jax.jit(lambda m: kronlik.loglik(Y, M, K, Sigma, mask=m, max_missing=4))(mask)
+    assert np.isnan(traced)
+
+
+def test_max_missing_zero_means_nothing_may_be_missing():
+    M, K, Sigma, mask = CASES["random"]
+    Y = jnp.asarray(np.random.default_rng(29).standard_normal(mask.shape))
+    full = np.ones(mask.shape, bool)
+    want = kronlik.loglik(Y, M, K, Sigma)
+    assert kronlik.loglik(Y, M, K, Sigma, mask=full, max_missing=0) == want
+    fn = jax.jit(lambda m: kronlik.loglik(Y, M, K, Sigma, mask=m, max_missing=0))
+    assert abs(float(fn(full)) - float(want)) < 1e-12 * abs(float(want)) and np.isnan(fn(mask))

@@ -1,0 +1,381 @@
+"""The model behind ``kronlik fit``: a kernel over time for M (dense or Nyström low rank), a free
+K = LLᵀ + diag(e^κ), Σ = diag(eˢ), fitted to the standardised table, reported in data units.
+
+Model, in the data's units: vec(Y - 1 μᵀ) ~ N(0, M ⊗ K + I ⊗ diag(noise_variance)), μ the
+column means over the observed entries, M = k(t, t) + 1e-6 I with k the kernel expression
+(first term's amplitude 1: K carries the overall scale), or M = G Gᵀ with
+G = k(t, z) chol(k(z, z) + 1e-6 I)⁻ᵀ for inducing times z (low rank). Missing cells enter
+through ``mask=`` (the exact likelihood of the observed entries).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.scipy.linalg import solve_triangular
+
+from . import fisher_information, fit, fit_log_var, kernels, loglik_diag, predict, validate
+from ._fit_command import NUGGET
+from .datasets import DataError
+from .fitting import _std_errors, observed_information
+from .forms import LowRank
+
+F64 = jnp.float64
+
+
+class Report(NamedTuple):
+    text: str
+    warnings: list[str]
+    json: dict[str, Any]
+    predictions: str | None  # CSV text
+    figure: Any  # () -> matplotlib Figure
+
+
+def _from_decimal_year(y: float) -> str:
+    year = int(np.floor(y))
+    start, end = datetime(year, 1, 1), datetime(year + 1, 1, 1)
+    return (start + timedelta(seconds=(y - year) * (end - start).total_seconds())).isoformat(timespec="seconds")
+
+
+class KernelModel:
+    """M(θ) for the kernel expression over times x (offsets from the first time)."""
+
+    def __init__(self, spec: str, x: np.ndarray, method: str, rank: int):
+        self.kernel = kernels.parse(spec)
+        self.x = jnp.asarray(x, F64)
+        self.method = method
+        self.z = jnp.linspace(float(x.min()), float(x.max()), rank, dtype=F64) if method == "lowrank" else None
+        self.n_terms = len(self.kernel.terms)
+
+    def init(self, lengthscale: float, period: float) -> dict[str, np.ndarray]:
+        p = self.kernel.init_params(lengthscale, period, F64)
+        out = {"log_lengthscale": p["log_lengthscale"]}
+        if self.kernel.num_free_periods():
+            out["log_period"] = p["log_period"]
+        if self.n_terms > 1:
+            out["log_amplitude"] = jnp.zeros(self.n_terms - 1, F64)  # relative to the first term's
+        return out
+
+    def params(self, q) -> dict[str, jax.Array]:
+        """The kernel's parameters (float64) from the fitted ones: first amplitude fixed at 1."""
+        q = {k: jnp.asarray(v).astype(F64) for k, v in q.items()}
+        return {
+            "log_lengthscale": q["log_lengthscale"],
+            "log_period": q.get("log_period", jnp.zeros(0, F64)),
+            "log_amplitude": jnp.concatenate([jnp.zeros(1, F64), q.get("log_amplitude", jnp.zeros(0, F64))]),
+        }
+
+    def _inducing(self, kp):
+        chol = jnp.linalg.cholesky(self.kernel(kp, self.z) + NUGGET * jnp.eye(self.z.shape[0], dtype=F64))
+        return chol
+
+    def m(self, q, dtype):
+        """M as a dense (T, T) array or a LowRank form, in ``dtype`` (built in float64)."""
+        kp = self.params(q)
+        if self.method == "dense":
+            T = self.x.shape[0]
+            return (self.kernel(kp, self.x) + NUGGET * jnp.eye(T, dtype=F64)).astype(dtype)
+        chol = self._inducing(kp)
+        return LowRank(solve_triangular(chol, self.kernel(kp, self.z, self.x), lower=True).T.astype(dtype))
+
+    def cross(self, q, x_new):
+        """(M_×, m_new_diag) of new times against the training times, float64, in the model's own terms."""
+        kp = self.params(q)
+        x_new = jnp.asarray(x_new, F64)
+        if self.method == "dense":
+            diag = jnp.diagonal(self.kernel(kp, x_new[:1])) * jnp.ones_like(x_new) + NUGGET  # stationary: k(x, x)
+            return self.kernel(kp, x_new, self.x), diag
+        chol = self._inducing(kp)
+        g_new = solve_triangular(chol, self.kernel(kp, self.z, x_new), lower=True).T
+        g = solve_triangular(chol, self.kernel(kp, self.z, self.x), lower=True).T
+        return g_new @ g.T, jnp.sum(g_new * g_new, axis=1)
+
+
+def _k_of(p):
+    return p["L"] @ p["L"].T + jnp.diag(jnp.exp(p["log_kappa"]))
+
+
+def _last_finite(history) -> float:
+    h = np.asarray(history, np.float64)
+    h = h[np.isfinite(h)]
+    return float(h[-1]) if h.size else float("nan")
+
+
+def _convergence(r, steps: int, tol: float, per: float) -> tuple[str, bool]:
+    g = _last_finite(r.grad_norm_history) / per
+    if bool(r.converged):
+        return f"converged: yes (max|gradient| {g:.2e} ≤ --tol {tol:g}, per observation)", True
+    if bool(r.stalled):
+        return (
+            f"converged: no (stalled: the log-likelihood stopped changing while max|gradient| {g:.2e} "
+            f"is above --tol {tol:g}; --float64 may get further)"
+        ), False
+    if int(r.num_steps) >= steps:
+        return f"converged: no (reached --steps {steps}; max|gradient| {g:.2e}; raise --steps)", False
+    return "converged: no (the log-likelihood became NaN)", False
+
+
+def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
+    T, D = table.Y.shape
+    dtype = jnp.float64 if args.float64 else jnp.float32
+    eigh = "float64"  # float32 data, float64 eigendecompositions: see kronlik.loglik
+    mask = data.mask
+    n_obs = T * D - (0 if mask is None else int((~mask).sum()))
+    ys = jnp.asarray(data.Y, dtype)
+    ys64 = jnp.asarray(data.Y, F64)
+    optimizer = optax.lbfgs() if args.optimizer == "lbfgs" else optax.adam(args.lr)
+    scale, mean = data.scale, data.mean
+    start = time.perf_counter()
+    model = None
+    if table.M is not None:
+        m64, k_std = jnp.asarray(table.M, F64), jnp.asarray(table.K, F64)
+        observed_var = np.nanvar(table.Y, axis=0)
+        r = fit_log_var(
+            ys,
+            m64.astype(dtype),
+            k_std.astype(dtype),
+            jnp.asarray(np.log(0.5 * observed_var), dtype),
+            optimizer,
+            num_steps=args.steps,
+            tol=args.tol * n_obs / T,  # fit_log_var's test is max|∂L/∂s| ≤ tol·T
+            progress=True,
+            eigh_dtype=eigh,
+            information=None,
+            mask=mask,
+        )
+        log_var = jnp.asarray(r.params, F64)
+    else:
+        t = np.arange(T, dtype=float) if table.t is None else table.t
+        span = float(t[-1] - t[0]) or 1.0
+        model = KernelModel(args.kernel or "rbf", t - t[0], method, rank)
+        period = args.period or (1.0 if table.dates else span / 4)
+        p0 = dict(model.init(0.1 * span, period))
+        p0.update(
+            L=0.7 * jnp.eye(D, dtype=F64),
+            log_kappa=jnp.full(D, np.log(0.1), F64),
+            log_var=jnp.full(D, np.log(0.5), F64),
+        )
+        p0 = jax.tree_util.tree_map(lambda a: a.astype(dtype), p0)
+
+        def loss(p):  # per observation, so that --tol does not depend on the table's size
+            return -loglik_diag(ys, model.m(p, dtype), _k_of(p), p["log_var"], mask=mask, eigh_dtype=eigh) / n_obs
+
+        r = fit(
+            loss,
+            p0,
+            optimizer,
+            num_steps=args.steps,
+            tol=args.tol,
+            progress=True,
+            log_scale_keys=("log_var", "log_kappa"),
+        )
+        p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, F64), r.params)
+        m64, k_std, log_var = model.m(p64, F64), _k_of(p64), p64["log_var"]
+    seconds = time.perf_counter() - start
+    convergence, converged = _convergence(r, args.steps, args.tol, 1.0 if model is not None else n_obs)
+
+    # What is reported is evaluated in float64 at the fitted point, in the data's units.
+    k_data = np.asarray(k_std) * np.outer(scale, scale)
+    var_data = np.exp(np.asarray(log_var)) * scale**2
+    y_data = jnp.asarray(np.where(np.isfinite(table.Y), table.Y - mean, 0.0), F64)
+    data_loglik = jax.jit(lambda y, m, k, s: loglik_diag(y, m, k, s, mask=mask))
+    L = float(data_loglik(y_data, m64, jnp.asarray(k_data), jnp.log(jnp.asarray(var_data))))
+    if not np.isfinite(L):
+        raise DataError("the likelihood is NaN at the fitted point")
+    try:
+        accuracy = validate(ys64, m64, k_std, log_var=log_var, warn=False)
+    except ValueError as e:
+        raise DataError(f"the likelihood is not defined at the fitted point: {e}") from None
+
+    # Standard errors: the expected (Fisher) information at the fit for a complete table and a
+    # dense M; the observed information (central differences of the exact gradient) with missing
+    # cells, or a low-rank M (the Fisher route forms each dM as a T×T matrix); float64, over
+    # the K_ij (i ≤ j), the log noise variances and the kernel's free parameters.
+    upper = np.triu_indices(D)
+    theta = {"log_var": log_var}
+    if model is not None:  # (an .npz fixes M and K: only the noise is a parameter)
+        theta["K"] = k_std[upper]
+        theta.update({k: v for k, v in p64.items() if k.startswith(("log_length", "log_period", "log_amp"))})
+
+    def parts(q):
+        if model is None:
+            return m64, k_std
+        k_upper = jnp.zeros((D, D), F64).at[upper].set(q["K"])
+        return model.m(q, F64), k_upper + k_upper.T - jnp.diag(jnp.diagonal(k_upper))
+
+    if mask is None and method == "dense":
+        info = jax.jit(lambda th: fisher_information(lambda q: (*parts(q), jnp.diag(jnp.exp(q["log_var"]))), th))(theta)
+    else:
+        info = observed_information(jax.grad(lambda q: -loglik_diag(ys64, *parts(q), q["log_var"], mask=mask)), theta)
+    se = jax.tree_util.tree_map(np.asarray, _std_errors(info, theta))
+    var_se = var_data * se["log_var"]
+    k_se = np.zeros((D, D))
+    if "K" in se:
+        k_se[upper] = se["K"]
+    k_se = (k_se + k_se.T - np.diag(np.diag(k_se))) * np.outer(scale, scale)
+
+    names = table.names
+    fisher = mask is None and method == "dense"
+    lines = [f"\nstandard errors (±) from the {'Fisher' if fisher else 'observed'} information at the fit; data units"]
+    lines.append(f"{'output':<16} {'noise variance':>26} {'K diagonal':>26}")
+    for j, n in enumerate(names):
+        lines.append(f"{n:<16} {var_data[j]:>12.4g} ± {var_se[j]:<11.3g} {k_data[j, j]:>12.4g} ± {k_se[j, j]:<11.3g}")
+    for i, j in zip(*upper):
+        if i < j:
+            lines.append(f"K[{names[i]}, {names[j]}] = {k_data[i, j]:.4g} ± {k_se[i, j]:.3g}")
+    kernel_json = None
+    if model is not None:
+        kp = model.params(p64)
+        ell, ell_se = np.exp(np.asarray(kp["log_lengthscale"])), None
+        ell_se = ell * se["log_lengthscale"]
+        periods = np.exp(np.asarray(kp["log_period"]))
+        period_se = periods * se["log_period"] if "log_period" in se else np.zeros(0)
+        amps = np.exp(np.asarray(kp["log_amplitude"]))
+        amp_se = np.concatenate([[0.0], amps[1:] * se["log_amplitude"]]) if "log_amplitude" in se else np.zeros(1)
+        units = table.time_label
+        lines.append(
+            f"kernel over {units}: {model.kernel.spec}" + (f" (low rank {rank})" if method == "lowrank" else "")
+        )
+        for line in model.kernel.describe(kp):
+            lines.append(f"  {line}")
+        lines.append("  lengthscales ± " + ", ".join(f"{a:.4g} ± {b:.3g}" for a, b in zip(ell, ell_se)))
+        if periods.size:
+            lines.append("  fitted periods ± " + ", ".join(f"{a:.4g} ± {b:.3g}" for a, b in zip(periods, period_se)))
+        if amps.size > 1:
+            lines.append(
+                "  relative amplitudes ± " + ", ".join(f"{a:.4g} ± {b:.3g}" for a, b in zip(amps[1:], amp_se[1:]))
+            )
+        kernel_json = {
+            "spec": model.kernel.spec,
+            "lengthscale": ell.tolist(),
+            "lengthscale_se": ell_se.tolist(),
+            "period": periods.tolist(),
+            "period_se": np.asarray(period_se).tolist(),
+            "amplitude": amps.tolist(),
+            "amplitude_se": np.asarray(amp_se).tolist(),
+            "nugget": NUGGET,
+            "method": method,
+            "inducing_times": None if model.z is None else (np.asarray(model.z) + t[0]).tolist(),
+        }
+    lines.append(f"log-likelihood (data units, float64, column means subtracted): {L:.6f}")
+    lines.append(f"steps: {int(r.num_steps)}, {convergence}, time: {seconds:.2f} s")
+    lines.append(f"accuracy at the fit: {accuracy}")
+    warnings = []
+    if not converged:
+        warnings.append(convergence.replace("converged: no ", "the fit did not converge "))
+    if accuracy.error_bound > 1e-3:
+        warnings.append(
+            "L and its gradient may be inaccurate here (a nearly singular covariance)"
+            + ("" if args.float64 else "; try --float64")
+        )
+
+    predictions, grid = None, None
+    if model is not None:
+        sd_of = _predictor(model, p64, ys64, k_std, log_var, mask, scale, mean)
+        t_all = t
+        if new_t is not None:
+            new = sd_of(new_t - t[0])
+            header = ["decimal_year", "date"] if table.dates else [args.time_column or "row"]
+            for n in names:
+                header += [f"{n}_mean", f"{n}_sd_latent", f"{n}_sd_observation"]
+            rows = [",".join(header)]
+            for i, tn in enumerate(new_t):
+                cells = [f"{tn:.17g}"] + ([_from_decimal_year(tn)] if table.dates else [])
+                for j in range(D):
+                    cells += [f"{new[0][i, j]:.8g}", f"{new[1][i, j]:.8g}", f"{new[2][i, j]:.8g}"]
+                rows.append(",".join(cells))
+            predictions = "\n".join(rows) + "\n"
+            t_all = np.concatenate([t, new_t])
+        grid_t = np.linspace(float(t_all.min()), float(t_all.max()), min(1000, max(200, t_all.size)))
+        grid = (grid_t, *sd_of(grid_t - t[0]))
+
+    out = {
+        "source": args.data or "built-in US macro data (statsmodels macrodata, public domain)",
+        "model": __doc__.split("\n\n")[1].replace("\n", " "),
+        "outputs": names,
+        "rows": T,
+        "missing_cells": T * D - n_obs,
+        "dtype": "float64" if args.float64 else "float32",
+        "time": None
+        if model is None
+        else {
+            "column": args.time_column,
+            "dates": table.dates,
+            "units": "decimal years" if table.dates else ("rows" if table.t is None else "as given"),
+            "origin": float(t[0]),
+            "note": "kernel distances are in these units; the origin only labels them",
+        },
+        "kernel": kernel_json,
+        "column_mean": mean.tolist(),
+        "column_std": scale.tolist(),
+        "K": k_data.tolist(),
+        "K_se": k_se.tolist(),
+        "noise_variance": var_data.tolist(),
+        "noise_variance_se": var_se.tolist(),
+        "K_standardised": np.asarray(k_std).tolist(),
+        "log_var_standardised": np.asarray(log_var).tolist(),
+        "params": jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64).tolist(), r.params),
+        "loglik": L,
+        "converged": bool(r.converged),
+        "stalled": bool(r.stalled),
+        "steps": int(r.num_steps),
+        "tol": args.tol,
+        "error_bound": accuracy.error_bound,
+        "seconds": seconds,
+    }
+
+    def figure():
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        xs = np.arange(T) if table.t is None else table.t
+        fig, axes = plt.subplots(D, 1, figsize=(9, 1.9 * D + 0.8), sharex=True, squeeze=False)
+        for j, ax in enumerate(axes[:, 0]):
+            if grid is not None:
+                gt, mu, sd_f, sd_y = grid[0], grid[1][:, j], grid[2][:, j], grid[3][:, j]
+                ax.fill_between(
+                    gt, mu - 2 * sd_y, mu + 2 * sd_y, color="C0", alpha=0.15, lw=0, label="new observation ±2 sd"
+                )
+                ax.fill_between(gt, mu - 2 * sd_f, mu + 2 * sd_f, color="C0", alpha=0.35, lw=0, label="latent ±2 sd")
+                ax.plot(gt, mu, color="C0", lw=1.2, label="posterior mean")
+                if new_t is not None and new_t.max() > xs[-1]:
+                    ax.axvspan(xs[-1], new_t.max(), color="0.92", zorder=0, label="forecast")
+            ok = np.isfinite(table.Y[:, j])
+            ax.plot(xs[ok], table.Y[ok, j], ".", ms=3, color="0.25", label="data")
+            ax.set_ylabel(names[j])
+        axes[-1, 0].set_xlabel(table.time_label)
+        axes[0, 0].legend(loc="upper left", fontsize=7, ncol=5)
+        fig.tight_layout()
+        return fig
+
+    return Report("\n".join(lines), warnings, out, predictions, figure)
+
+
+def _predictor(model: KernelModel, p64, ys64, k_std, log_var, mask, scale, mean):
+    """x ↦ (mean, sd of the latent, sd of a new observation), each (N, D) in data units."""
+    m64 = model.m(p64, F64)
+    sigma = jnp.diag(jnp.exp(log_var))
+
+    @jax.jit
+    def batch(x):
+        return predict(ys64, m64, k_std, sigma, *model.cross(p64, x), mask=mask)
+
+    def at(x_new):
+        out = []
+        for lo in range(0, len(x_new), 500):  # M_× is (N, T): bounded memory for long tables
+            mu, var = batch(jnp.asarray(x_new[lo : lo + 500], F64))
+            out.append((np.asarray(mu), np.asarray(var)))
+        mu = np.concatenate([o[0] for o in out])
+        var = np.maximum(np.concatenate([o[1] for o in out]), 0.0)
+        noise = np.exp(np.asarray(log_var))[None, :]
+        return mu * scale + mean, np.sqrt(var) * scale, np.sqrt(var + noise) * scale
+
+    return at
