@@ -71,18 +71,25 @@ class KernelModel:
             "log_amplitude": jnp.concatenate([jnp.zeros(1, F64), q.get("log_amplitude", jnp.zeros(0, F64))]),
         }
 
+    def _times(self):
+        # (x, z) behind a barrier: as constants of a compiled loss, XLA would constant-fold the
+        # T×r distance computations at compile time (seconds, with alarms on stderr).
+        if self.z is None:
+            return jax.lax.optimization_barrier(self.x), None
+        return jax.lax.optimization_barrier((self.x, self.z))
+
     def _inducing(self, kp):
-        chol = jnp.linalg.cholesky(self.kernel(kp, self.z) + NUGGET * jnp.eye(self.z.shape[0], dtype=F64))
-        return chol
+        z = self._times()[1]
+        return jnp.linalg.cholesky(self.kernel(kp, z) + NUGGET * jnp.eye(z.shape[0], dtype=F64))
 
     def m(self, q, dtype):
         """M as a dense (T, T) array or a LowRank form, in ``dtype`` (built in float64)."""
         kp = self.params(q)
+        x, z = self._times()
         if self.method == "dense":
-            T = self.x.shape[0]
-            return (self.kernel(kp, self.x) + NUGGET * jnp.eye(T, dtype=F64)).astype(dtype)
+            return (self.kernel(kp, x) + NUGGET * jnp.eye(x.shape[0], dtype=F64)).astype(dtype)
         chol = self._inducing(kp)
-        return LowRank(solve_triangular(chol, self.kernel(kp, self.z, self.x), lower=True).T.astype(dtype))
+        return LowRank(solve_triangular(chol, self.kernel(kp, z, x), lower=True).T.astype(dtype))
 
     def cross(self, q, x_new):
         """(M_×, m_new_diag) of new times against the training times, float64, in the model's own terms."""
@@ -90,10 +97,11 @@ class KernelModel:
         x_new = jnp.asarray(x_new, F64)
         if self.method == "dense":
             diag = jnp.diagonal(self.kernel(kp, x_new[:1])) * jnp.ones_like(x_new) + NUGGET  # stationary: k(x, x)
-            return self.kernel(kp, x_new, self.x), diag
+            return self.kernel(kp, x_new, self._times()[0]), diag
+        x, z = self._times()
         chol = self._inducing(kp)
-        g_new = solve_triangular(chol, self.kernel(kp, self.z, x_new), lower=True).T
-        g = solve_triangular(chol, self.kernel(kp, self.z, self.x), lower=True).T
+        g_new = solve_triangular(chol, self.kernel(kp, z, x_new), lower=True).T
+        g = solve_triangular(chol, self.kernel(kp, z, x), lower=True).T
         return g_new @ g.T, jnp.sum(g_new * g_new, axis=1)
 
 
@@ -221,6 +229,12 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
     k_se = (k_se + k_se.T - np.diag(np.diag(k_se))) * np.outer(scale, scale)
 
     names = table.names
+    if not all(np.all(np.isfinite(v)) for v in jax.tree_util.tree_leaves(se)):
+        warnings_se = "standard errors are NaN: the information matrix is not positive definite here" + (
+            " (the fit did not converge)" if not bool(r.converged) else " (a parameter the data do not identify)"
+        )
+    else:
+        warnings_se = None
     fisher = mask is None and method == "dense"
     lines = [f"\nstandard errors (±) from the {'Fisher' if fisher else 'observed'} information at the fit; data units"]
     lines.append(f"{'output':<16} {'noise variance':>26} {'K diagonal':>26}")
@@ -266,7 +280,7 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
     lines.append(f"log-likelihood (data units, float64, column means subtracted): {L:.6f}")
     lines.append(f"steps: {int(r.num_steps)}, {convergence}, time: {seconds:.2f} s")
     lines.append(f"accuracy at the fit: {accuracy}")
-    warnings = []
+    warnings = [] if warnings_se is None else [warnings_se]
     if not converged:
         warnings.append(convergence.replace("converged: no ", "the fit did not converge "))
     if accuracy.error_bound > 1e-3:
@@ -342,14 +356,33 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
             if grid is not None:
                 gt, mu, sd_f, sd_y = grid[0], grid[1][:, j], grid[2][:, j], grid[3][:, j]
                 ax.fill_between(
-                    gt, mu - 2 * sd_y, mu + 2 * sd_y, color="C0", alpha=0.15, lw=0, label="new observation ±2 sd"
+                    gt,
+                    mu - 2 * sd_y,
+                    mu + 2 * sd_y,
+                    color="C0",
+                    alpha=0.15,
+                    lw=0,
+                    zorder=2,
+                    label="new observation ±2 sd",
                 )
-                ax.fill_between(gt, mu - 2 * sd_f, mu + 2 * sd_f, color="C0", alpha=0.35, lw=0, label="latent ±2 sd")
-                ax.plot(gt, mu, color="C0", lw=1.2, label="posterior mean")
+                ax.fill_between(
+                    gt, mu - 2 * sd_f, mu + 2 * sd_f, color="C0", alpha=0.35, lw=0, zorder=2, label="latent ±2 sd"
+                )
+                ax.plot(gt, mu, color="C0", lw=1.2, zorder=3, label="posterior mean")
                 if new_t is not None and new_t.max() > xs[-1]:
                     ax.axvspan(xs[-1], new_t.max(), color="0.92", zorder=0, label="forecast")
             ok = np.isfinite(table.Y[:, j])
-            ax.plot(xs[ok], table.Y[ok, j], ".", ms=3, color="0.25", label="data")
+            dense_data = ok.sum() > 2000  # many points: small and light, under the fit
+            ax.plot(
+                xs[ok],
+                table.Y[ok, j],
+                ".",
+                ms=1 if dense_data else 3,
+                color="0.25",
+                alpha=0.4 if dense_data else 1.0,
+                zorder=1,
+                label="data",
+            )
             ax.set_ylabel(names[j])
         axes[-1, 0].set_xlabel(table.time_label)
         axes[0, 0].legend(loc="upper left", fontsize=7, ncol=5)
