@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kronlik
+from kronlik import kernels
 
 
 def _median_seconds(fn, args, repeats):
@@ -39,7 +40,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     T, D = args.T, args.D
     t = np.linspace(0, 1, T)
-    M = jnp.asarray(np.exp(-0.5 * (t[:, None] - t[None, :]) ** 2 / 0.1**2), jnp.float32)
+    M = jnp.asarray(kernels.rbf(jnp.asarray(t), jnp.asarray(t), 0.1), jnp.float32)
     K = jnp.asarray(np.eye(D) + 0.5, jnp.float32)
     Y = jnp.asarray(rng.standard_normal((T, D)), jnp.float32)
     s = jnp.zeros(D, jnp.float32)

@@ -25,7 +25,7 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)  # float64 for the truth and for the mixed mode
 
 import kronlik  # noqa: E402
-from kronlik import reference  # noqa: E402
+from kronlik import kernels, reference  # noqa: E402
 
 ARGS = (0, 1, 2, 3)
 
@@ -33,7 +33,7 @@ ARGS = (0, 1, 2, 3)
 def problem(T: int, D: int, seed: int = 0, ell: float = 0.1, noise: float = 1e-3):
     rng = np.random.default_rng(seed)
     t = np.linspace(0.0, 1.0, T)
-    M = np.exp(-0.5 * (t[:, None] - t[None, :]) ** 2 / ell**2) + 1e-6 * np.eye(T)
+    M = np.asarray(kernels.rbf(jnp.asarray(t), jnp.asarray(t), ell)) + 1e-6 * np.eye(T)
     A = rng.standard_normal((D, D))
     K = A @ A.T / D + 0.1 * np.eye(D)
     F = np.linalg.cholesky(M) @ rng.standard_normal((T, D)) @ np.linalg.cholesky(K).T

@@ -39,9 +39,7 @@ import math
 import os
 import platform
 import runpy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -54,17 +52,7 @@ from kronlik import reference
 ALL = (0, 1, 2, 3)
 VALUE_RTOL, GRAD_RTOL = 1e-9, 1e-8
 _run = runpy.run_path(str(Path(__file__).with_name("run.py")))
-_time, problem = _run["_time"], _run["problem"]  # median after a warm-up call; the harness's problem
-
-
-def _time_warm(fn, *args, repeats: int, budget_s: float) -> float:
-    """As ``_time`` for a call already compiled and run once: the median of up to ``repeats`` calls."""
-    times = []
-    while len(times) < repeats and (not times or sum(times) < budget_s):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+_time, _time_warm, problem = _run["_time"], _run["_time_warm"], _run["problem"]  # the harness's timers and problem
 
 
 def random_mask(T: int, D: int, fraction: float, seed: int = 1) -> np.ndarray:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kronlik
+from kronlik import kernels
 
 
 def main(argv=None):
@@ -28,7 +29,7 @@ def main(argv=None):
     T, D = args.T, args.D
     rng = np.random.default_rng(0)
     t = np.linspace(0, 1, T)
-    M = jnp.asarray(np.exp(-0.5 * (t[:, None] - t[None, :]) ** 2 / 0.1**2) + 1e-2 * np.eye(T), dtype)
+    M = jnp.asarray(np.asarray(kernels.rbf(jnp.asarray(t), jnp.asarray(t), 0.1)) + 1e-2 * np.eye(T), dtype)
     A = rng.standard_normal((D, D))
     K = jnp.asarray(A @ A.T / D + 0.1 * np.eye(D), dtype)
     Y = jnp.asarray(rng.standard_normal((T, D)), dtype)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kronlik
+from kronlik import kernels
 
 _median_seconds = runpy.run_path(str(Path(__file__).with_name("fit_step.py")))["_median_seconds"]
 _cost_rows = runpy.run_path(str(Path(__file__).with_name("information.py")))["cost_rows"]
@@ -41,7 +42,7 @@ _cost_rows = runpy.run_path(str(Path(__file__).with_name("information.py")))["co
 def costs(T, D, repeats):
     rng = np.random.default_rng(0)
     x = jnp.linspace(0.0, 1.0, T)
-    M = jnp.exp(-0.5 * (x[:, None] - x[None, :]) ** 2 / 0.1**2) + 1e-6 * jnp.eye(T)
+    M = kernels.rbf(x, x, 0.1) + 1e-6 * jnp.eye(T)
     A = rng.standard_normal((D, D))
     K = jnp.asarray(A @ A.T / D + 0.1 * np.eye(D))
     s = jnp.asarray(np.log(rng.uniform(0.1, 1.0, D)))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kronlik
+from kronlik import kernels
 
 jax.config.update("jax_enable_x64", True)  # an example script may choose its precision
 
@@ -17,7 +18,7 @@ jax.config.update("jax_enable_x64", True)  # an example script may choose its pr
 def main(T: int = 500, D: int = 4):
     rng = np.random.default_rng(1)
     t = np.linspace(0.0, 1.0, T)
-    M = np.exp(-0.5 * (t[:, None] - t[None, :]) ** 2 / 0.05**2)
+    M = np.asarray(kernels.rbf(jnp.asarray(t), jnp.asarray(t), 0.05))
     A = rng.standard_normal((D, D))
     K = A @ A.T / D + 0.1 * np.eye(D)
     truth = np.log(np.linspace(0.1, 1.0, D))

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kronlik
+from kronlik import kernels
 
 try:
     from jax import shard_map
@@ -44,7 +45,7 @@ def main(batch: int = 16, T: int = 40, D: int = 3) -> dict:
     mesh = jax.make_mesh((n,), ("batch",))
     rng = np.random.default_rng(0)
     t = np.linspace(0, 1, T)
-    M = jnp.asarray(np.exp(-0.5 * (t[:, None] - t[None, :]) ** 2 / 0.2**2) + 1e-3 * np.eye(T))
+    M = jnp.asarray(np.asarray(kernels.rbf(jnp.asarray(t), jnp.asarray(t), 0.2)) + 1e-3 * np.eye(T))
     K = jnp.asarray(np.eye(D) + 0.3)
     Sigma = jnp.asarray(0.5 * np.eye(D))
     Ys = jnp.asarray(rng.standard_normal((batch, T, D)))

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import reference
+from . import kernels, reference
 from ._checks import default_floating_dtype
 from ._validate import validate
 from .information import fisher_information, hessian_log_var
@@ -285,7 +285,7 @@ def demo_problems(dtype=None) -> dict[str, tuple[Array, Array, Array, Array]]:
         return x @ x.T / n + floor * np.eye(n)
 
     t = np.linspace(0.0, 1.0, 12)
-    m_smooth = np.exp(-0.5 * (t[:, None] - t[None, :]) ** 2 / 0.3**2) + 1e-3 * np.eye(12)
+    m_smooth = np.asarray(kernels.rbf(jnp.asarray(t), jnp.asarray(t), 0.3)) + 1e-3 * np.eye(12)
     g = rng.standard_normal((10, 2))
     h = rng.standard_normal((3, 1))
     problems = {

@@ -12,7 +12,7 @@ import pytest
 from helpers import exact_log_var_hessian, max_rel, random_problem
 
 import kronlik
-from kronlik import reference
+from kronlik import kernels, reference
 
 T, D = 5, 3
 
@@ -83,7 +83,7 @@ def test_fisher_is_the_expected_outer_product_of_scores_and_minus_the_expected_h
     # Monte Carlo over N draws of Y: the mean of score scoreᵀ and of -H has standard error
     # ≈ sd / sqrt(N); 6 standard errors (computed from the draws themselves) bound both.
     rng = np.random.default_rng(11)
-    M = jnp.asarray(np.exp(-0.5 * (np.arange(T)[:, None] - np.arange(T)[None, :]) ** 2 / 4.0))
+    M = kernels.rbf(jnp.arange(T, dtype=jnp.float64), jnp.arange(T, dtype=jnp.float64), 2.0)
     K = jnp.asarray(np.eye(D) + 0.3)
     s = jnp.asarray(np.log([0.2, 0.5, 1.0]))
     U = np.asarray(reference.dense_covariance(M, K, jnp.diag(jnp.exp(s))))
