@@ -2,12 +2,13 @@
 
 ``vec(Y) ~ N(0, U)``, ``U = M ⊗ K + I_T ⊗ Σ``, ``Y`` of shape (T, D), ``vec(Y) = Y.reshape(-1)``.
 The public functions are in :mod:`kronlik.structured`, the forms of M in :mod:`kronlik.forms`,
-the one structured core in ``kronlik._core`` (with the noise models in ``kronlik._noise``), the
-dense and exact references in :mod:`kronlik.reference`, information matrices in :mod:`kronlik.information`, fitting in
-:mod:`kronlik.fitting`.
+kernels over time in :mod:`kronlik.kernels`, the one structured core in ``kronlik._core`` (with
+the noise models in ``kronlik._noise`` and missing entries in ``kronlik._missing``), the dense and
+exact references in :mod:`kronlik.reference`, information matrices in :mod:`kronlik.information`,
+fitting in :mod:`kronlik.fitting` (the command line's model in ``kronlik._fit_model``).
 """
 
-from . import reference
+from . import kernels, reference
 from ._checks import default_floating_dtype
 from ._validate import Validation, validate
 from .fitting import FitResult, fit, fit_log_var
@@ -25,7 +26,7 @@ from .structured import (
     solve,
 )
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "Diagonal",
@@ -44,6 +45,7 @@ __all__ = [
     "grad_log_var",
     "grad_sigma",
     "hessian_log_var",
+    "kernels",
     "loglik",
     "loglik_diag",
     "loglik_diag_rotated",

@@ -36,6 +36,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ._checks import default_floating_dtype
+
 Array = jax.Array
 
 __all__ = ["Kernel", "matern12", "matern32", "matern52", "parse", "periodic", "rbf", "BASE_KERNELS"]
@@ -112,6 +114,7 @@ class Kernel:
     def init_params(self, lengthscale: float = 1.0, period: float = 1.0, dtype=None) -> dict[str, Array]:
         """Starting parameters: every lengthscale and free period as given, amplitudes 1/(terms)."""
         n_comp, n_terms = len(self.components()), len(self.terms)
+        dtype = dtype or default_floating_dtype()
         return {
             "log_lengthscale": jnp.full(n_comp, math.log(lengthscale), dtype),
             "log_period": jnp.full(self.num_free_periods(), math.log(period), dtype),

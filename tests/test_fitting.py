@@ -84,7 +84,9 @@ def test_fit_log_var_agrees_with_a_dense_autodiff_fit(rng):
         return -reference.loglik(Y, M, K, jnp.diag(jnp.exp(s)))
 
     theirs = kronlik.fit(dense_loss, jnp.zeros(3), tol=1e-9)  # jax.grad of the dense reference
-    assert bool(ours.converged) and bool(theirs.converged)
+    # tolerances at rounding level: either the gradient test held or the value stopped changing
+    # (FitResult.stalled); the comparisons below are the test
+    assert bool(ours.converged | ours.stalled) and bool(theirs.converged | theirs.stalled)
     np.testing.assert_allclose(ours.params, theirs.params, atol=1e-6)
     np.testing.assert_allclose(ours.value, -theirs.value, rtol=1e-12)
     # any optax optimizer: adam reaches the same optimum, more slowly
@@ -268,4 +270,5 @@ def test_newton_and_fisher_scoring_reach_the_lbfgs_optimum(rng):
         optax.scale_by_backtracking_linesearch(max_backtracking_steps=40),
     )
     result = kronlik.fit(lambda p: -kronlik.loglik(Y, *cov_fn(p)), {"s": jnp.zeros(3)}, scoring, tol=1e-9)
-    assert result.converged and abs(float(-result.value - lbfgs.value)) < 1e-9 * abs(float(lbfgs.value))
+    assert bool(result.converged | result.stalled)  # tol 1e-9 is at rounding level here
+    assert abs(float(-result.value - lbfgs.value)) < 1e-9 * abs(float(lbfgs.value))
