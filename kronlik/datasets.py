@@ -39,6 +39,9 @@ def read_csv(
     if not lines:
         raise DataError(f"{path}: no header row")
     header = [h.strip() for h in lines[0][1]]
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated or "" in header:
+        raise DataError(f"{path}: column names must be unique and non-empty; repeated or empty: {repeated or ['']}")
     missing_text = [c for c in text_columns if c not in header]
     if missing_text:
         raise DataError(f"{path}: no column {missing_text[0]!r} (columns: {', '.join(header)})")

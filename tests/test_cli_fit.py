@@ -40,6 +40,7 @@ def test_fit_builtin_writes_json_and_plot(tmp_path, capsys):
         ("a,b\n1,2\n3,\n4,\n", "columns with fewer than 2 observed values: ['b']"),
         ("a,b\n1,2\n", "at least 2 rows"),
         ("a,b\n1,2\n3\n", "1 cells, but the header has 2"),
+        ("a,a\n1,2\n3,4\n5,7\n", "column names must be unique and non-empty; repeated or empty: ['a']"),
     ],
 )
 def test_bad_csv_exits_2(tmp_path, capsys, content, message):
