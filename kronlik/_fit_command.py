@@ -57,16 +57,22 @@ def _writable(path: str, flag: str) -> None:
         raise DataError(f"{flag} {path}: directory {parent} is not writable")
 
 
-def _write_atomic(path: str, text: str | None = None, figure=None) -> None:
-    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+def _write_all(outputs: list[tuple[str, str | None, object]]) -> None:
+    """Write (path, text, figure) outputs all or none: each to a temporary file first, then renamed."""
+    staged = []
     try:
-        if figure is not None:
-            figure.savefig(tmp, dpi=100, format=Path(path).suffix.lstrip(".") or "png")
-        else:
-            tmp.write_text(text)
-        os.replace(tmp, path)
+        for path, text, figure in outputs:
+            tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+            staged.append((tmp, path))
+            if figure is not None:
+                figure.savefig(tmp, dpi=100, format=Path(path).suffix.lstrip(".").lower() or "png")
+            else:
+                tmp.write_text(text)
+        for tmp, path in staged:
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -95,20 +101,37 @@ def check_arguments(args: argparse.Namespace) -> None:
     from . import kernels
 
     try:
-        kernels.parse(args.kernel or "rbf")
+        kernels.parse("rbf" if args.kernel is None else args.kernel)
     except ValueError as e:
         raise DataError(f"--kernel: {e}") from None
     outputs = [("--out", args.out), ("--plot", args.plot)]
     if args.forecast is not None or args.predict_at is not None:
         outputs.append(("--predictions", args.predictions))
+    outputs = [(flag, path) for flag, path in outputs if path]
+    inputs = [Path(p).resolve() for p in (args.data, args.predict_at) if p]
+    seen: dict[Path, str] = {}
     for flag, path in outputs:
-        if path:
-            _writable(path, flag)
+        _writable(path, flag)
+        where = Path(path).resolve()
+        if where in inputs:
+            raise DataError(f"{flag} {path}: is an input file; it would be overwritten")
+        if where in seen:
+            raise DataError(f"{flag} and {seen[where]} name the same file {path}")
+        seen[where] = flag
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
+            import matplotlib
         except ImportError:
             raise DataError("--plot needs matplotlib (pip install 'kronlik[plot]')") from None
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+
+        supported = Figure().canvas.get_supported_filetypes()
+        suffix = Path(args.plot).suffix.lstrip(".").lower()
+        if suffix and suffix not in supported:
+            raise DataError(
+                f"--plot {args.plot}: unsupported image format {suffix!r}; use one of {', '.join(sorted(supported))}"
+            )
 
 
 def load_table(args: argparse.Namespace) -> Table:
@@ -275,12 +298,14 @@ def run(args: argparse.Namespace) -> int:
     print(report.text)
     for warning in report.warnings:
         print(f"kronlik fit: warning: {warning}", file=sys.stderr)
+    outputs = []
     if args.out:
-        _write_atomic(args.out, json.dumps(report.json, indent=2))
+        outputs.append((args.out, json.dumps(report.json, indent=2), None))
     if report.predictions is not None:
-        _write_atomic(args.predictions, report.predictions)
+        outputs.append((args.predictions, report.predictions, None))
     if args.plot:
-        _write_atomic(args.plot, figure=report.figure())
+        outputs.append((args.plot, None, report.figure()))
+    _write_all(outputs)
     return 0
 
 

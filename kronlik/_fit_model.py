@@ -161,7 +161,7 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
     else:
         t = np.arange(T, dtype=float) if table.t is None else table.t
         span = float(t[-1] - t[0]) or 1.0
-        model = KernelModel(args.kernel or "rbf", t - t[0], method, rank)
+        model = KernelModel("rbf" if args.kernel is None else args.kernel, t - t[0], method, rank)
         period = args.period or (1.0 if table.dates else span / 4)
         p0 = dict(model.init(0.1 * span, period))
         p0.update(
@@ -277,7 +277,8 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
             "method": method,
             "inducing_times": None if model.z is None else (np.asarray(model.z) + t[0]).tolist(),
         }
-    lines.append(f"log-likelihood (data units, float64, column means subtracted): {L:.6f}")
+    centred = "" if table.M is not None else ", column means subtracted"
+    lines.append(f"log-likelihood (data units, float64{centred}): {L:.6f}")
     lines.append(f"steps: {int(r.num_steps)}, {convergence}, time: {seconds:.2f} s")
     lines.append(f"accuracy at the fit: {accuracy}")
     warnings = [] if warnings_se is None else [warnings_se]

@@ -159,6 +159,8 @@ class Kernel:
         return lines
 
 
+MAX_COMPONENTS = 32  # an expression is compiled into one program: a bound keeps that fast
+
 _TOKEN = re.compile(r"\s*([a-z0-9]+)(?:\(\s*([^)]*?)\s*\))?\s*$")
 
 
@@ -169,6 +171,8 @@ def parse(spec: str) -> Kernel:
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a kernel expression is a non-empty string like 'matern32 + periodic'; got {spec!r}")
+    if spec.count("+") + spec.count("*") >= MAX_COMPONENTS:
+        raise ValueError(f"kernel {spec[:60]!r}...: more than {MAX_COMPONENTS} base kernels")
     terms = []
     for term_text in spec.split("+"):
         comps = []

@@ -145,6 +145,10 @@ def _kernel_params(fitted):
         (["--kernel", "periodic(-2)"], "period must be a positive number"),
         (["--rank", "0"], "--rank must be at least 1"),
         (["--predict-at", "/nonexistent.csv"], "no such file"),
+        (["--plot", "fit.xyz"], "unsupported image format 'xyz'"),
+        (["--out", "same.json", "--forecast", "2", "--predictions", "same.json"], "name the same file"),
+        (["--kernel", "+".join(["rbf"] * 40)], "more than 32 base kernels"),
+        (["--kernel", ""], "non-empty string"),
     ],
 )
 def test_bad_arguments_exit_2_before_any_work(capsys, argv, message):
@@ -153,6 +157,14 @@ def test_bad_arguments_exit_2_before_any_work(capsys, argv, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert "fitting" not in err  # refused before the data were even read
+
+
+def test_outputs_never_overwrite_the_input(tmp_path, capsys):
+    t, Y = _series(seed=11)
+    csv = _write(tmp_path / "d.csv", t, Y)
+    before = csv.read_text()
+    assert main(["fit", "--data", str(csv), "--out", str(csv)]) == 2
+    assert "is an input file" in capsys.readouterr().err and csv.read_text() == before
 
 
 def test_overflowing_column_is_refused(tmp_path, capsys):
@@ -212,15 +224,13 @@ def test_progress_lines_carry_elapsed_time(tmp_path, capsys):
 
 def test_plot_has_both_bands_a_legend_an_x_label_and_the_future(tmp_path, capsys, monkeypatch):
     # Defect: one (latent) band that most points fell outside, no x label, no legend entry.
-    figures, write = {}, _fit_command._write_atomic
+    figures, write = {}, _fit_command._write_all
 
-    def keep(path, text=None, figure=None):
-        if figure is None:
-            write(path, text)
-        else:
-            figures[path] = figure
+    def keep(outputs):
+        write([o for o in outputs if o[2] is None])
+        figures.update({path: figure for path, _, figure in outputs if figure is not None})
 
-    monkeypatch.setattr(_fit_command, "_write_atomic", keep)
+    monkeypatch.setattr(_fit_command, "_write_all", keep)
     t, Y = _series(seed=9)
     csv = _write(tmp_path / "d.csv", t, Y)
     args = ["--time-column", "t", "--forecast", "5", "--plot", str(tmp_path / "p.png")]
