@@ -91,18 +91,16 @@ class KernelModel:
         chol = self._inducing(kp)
         return LowRank(solve_triangular(chol, self.kernel(kp, z, x), lower=True).T.astype(dtype))
 
-    def cross(self, q, x_new):
-        """(M_×, m_new_diag) of new times against the training times, float64, in the model's own terms."""
+    def cross(self, q, x_new, m):
+        """(M_×, m_new_diag) of new times against the training times, float64, in the model's own
+        terms; ``m`` is :meth:`m` at ``q`` (for the low-rank path M_× = G_new Gᵀ reuses its G)."""
         kp = self.params(q)
         x_new = jnp.asarray(x_new, F64)
         if self.method == "dense":
             diag = jnp.diagonal(self.kernel(kp, x_new[:1])) * jnp.ones_like(x_new) + NUGGET  # stationary: k(x, x)
             return self.kernel(kp, x_new, self._times()[0]), diag
-        x, z = self._times()
-        chol = self._inducing(kp)
-        g_new = solve_triangular(chol, self.kernel(kp, z, x_new), lower=True).T
-        g = solve_triangular(chol, self.kernel(kp, z, x), lower=True).T
-        return g_new @ g.T, jnp.sum(g_new * g_new, axis=1)
+        g_new = solve_triangular(self._inducing(kp), self.kernel(kp, self._times()[1], x_new), lower=True).T
+        return g_new @ m.factor.T, jnp.sum(g_new * g_new, axis=1)
 
 
 def _k_of(p):
@@ -400,7 +398,7 @@ def _predictor(model: KernelModel, p64, ys64, k_std, log_var, mask, scale, mean)
 
     @jax.jit
     def batch(x):
-        return predict(ys64, m64, k_std, sigma, *model.cross(p64, x), mask=mask)
+        return predict(ys64, m64, k_std, sigma, *model.cross(p64, x, m64), mask=mask)
 
     def at(x_new):
         out = []

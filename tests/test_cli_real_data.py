@@ -259,13 +259,26 @@ def test_low_rank_fit_rebuilds_from_the_json(tmp_path, capsys):
     t, Y = _series(T=60, seed=10, missing=0.05)
     csv = _write(tmp_path / "d.csv", t, Y)
     code, fitted, captured = _fit(
-        tmp_path, capsys, "--time-column", "t", "--method", "lowrank", "--rank", "12", data=csv
+        tmp_path,
+        capsys,
+        "--time-column",
+        "t",
+        "--method",
+        "lowrank",
+        "--rank",
+        "12",
+        "--forecast",
+        "2",
+        "--predictions",
+        str(tmp_path / "p.csv"),
+        data=csv,
     )
     assert code == 0, captured.err
     assert fitted["kernel"]["method"] == "lowrank" and len(fitted["kernel"]["inducing_times"]) == 12
     Yc, M, K, Sigma, mask = rebuild_fit(fitted, t, Y)
     want = float(reference.loglik(Yc, M, K, Sigma, mask=mask))
     assert abs(fitted["loglik"] - want) < 1e-8 * abs(want)
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 3  # the Nyström cross-covariance path
 
 
 def test_gitignore_covers_the_readme_outputs():
