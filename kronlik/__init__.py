@@ -5,7 +5,9 @@ The public functions are in :mod:`kronlik.structured`, the forms of M in :mod:`k
 kernels over time in :mod:`kronlik.kernels`, the one structured core in ``kronlik._core`` (with
 the noise models in ``kronlik._noise`` and missing entries in ``kronlik._missing``), the dense and
 exact references in :mod:`kronlik.reference`, information matrices in :mod:`kronlik.information`,
-fitting in :mod:`kronlik.fitting` (the command line's model in ``kronlik._fit_model``).
+fitting in :mod:`kronlik.fitting` (the command line's model in ``kronlik._fit_model``), and
+multi-trait mixed models (covariates, ML/REML, heritability, association scans) in
+:mod:`kronlik.mixed` and :mod:`kronlik.scan`.
 """
 
 from . import kernels, reference
@@ -15,6 +17,18 @@ from .fitting import FitResult, fit, fit_log_var
 from .forms import Diagonal, EighFactor, LowRank, psd_tolerance
 from .gradcheck import GradientReport, check_gradients
 from .information import fisher_information, fisher_log_var, hessian_log_var
+from .mixed import (
+    MixedFit,
+    environmental_correlation,
+    fit_mixed,
+    genetic_correlation,
+    genetic_correlation_test,
+    gls,
+    heritability,
+    information_mixed,
+    loglik_mixed,
+)
+from .scan import ScanResult, scan
 from .structured import (
     factorize,
     grad_log_var,
@@ -30,6 +44,8 @@ __version__ = "0.4.0"
 
 __all__ = [
     "Diagonal",
+    "MixedFit",
+    "ScanResult",
     "EighFactor",
     "FitResult",
     "GradientReport",
@@ -37,6 +53,15 @@ __all__ = [
     "Validation",
     "check_gradients",
     "default_floating_dtype",
+    "environmental_correlation",
+    "fit_mixed",
+    "genetic_correlation",
+    "genetic_correlation_test",
+    "gls",
+    "heritability",
+    "information_mixed",
+    "loglik_mixed",
+    "scan",
     "factorize",
     "fit",
     "fisher_information",

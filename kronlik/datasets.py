@@ -6,6 +6,7 @@ import csv
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -121,3 +122,69 @@ def parse_times(cells: list[str], where: str) -> tuple[np.ndarray, bool]:
                 f"{where}, data row {i + 1}: {cell!r} is neither a number nor an ISO date (YYYY-MM-DD[THH:MM[:SS]])"
             ) from None
     return out, True
+
+
+class SimulatedTraits(NamedTuple):
+    """A simulated multi-trait mixed-model data set (:func:`simulate_traits`), numpy float64."""
+
+    Y: np.ndarray  # (T, D) traits
+    kinship: np.ndarray  # (T, T) M = Z Zᵀ / m from m standardised SNPs
+    covariates: np.ndarray  # (T, 2) [1, x]
+    genotypes: np.ndarray  # (T, n_scan) 0/1/2 allele counts for an association scan
+    K: np.ndarray  # (D, D) true genetic covariance
+    Sigma: np.ndarray  # (D, D) true environmental covariance
+    B: np.ndarray  # (2, D) true covariate effects
+    causal: np.ndarray  # indices of the scan variants with an effect
+    effects: np.ndarray  # (len(causal), D) their effects
+
+
+def _standardise(G: np.ndarray) -> np.ndarray:
+    freq = G.mean(axis=0) / 2
+    return (G - 2 * freq) / np.sqrt(2 * freq * (1 - freq))
+
+
+def simulate_traits(
+    T: int = 300, D: int = 3, n_snps: int = 500, n_scan: int = 1000, h2: float = 0.6, seed: int = 0
+) -> SimulatedTraits:
+    """Simulate Y ~ N(F B, M ⊗ K + I ⊗ Σ) with a kinship from genotypes, as a geneticist would test.
+
+    Genotypes are Binomial(2, p) with allele frequencies p ~ U(0.05, 0.5) (independent SNPs);
+    M = Z Zᵀ/m with Z the standardised genotypes of ``n_snps`` SNPs. Every trait has heritability
+    ``h2`` (m̄ K_dd / (m̄ K_dd + Σ_dd) = h2 with m̄ = mean diag M), genetic correlations
+    0.5, -0.3, 0.2, ... and environmental correlations 0.3, 0.1, ... between consecutive traits
+    (positive definite by construction), covariates F = [1, x] with x ~ N(0, 1), and three variants
+    of a further ``n_scan`` (the scan set) with small effects on the traits.
+    """
+    rng = np.random.default_rng(seed)
+
+    def genotypes(n):
+        p = rng.uniform(0.05, 0.5, size=n)
+        G = rng.binomial(2, p, size=(T, n)).astype(float)
+        keep = G.std(axis=0) > 0  # a monomorphic SNP cannot be standardised
+        G[:, ~keep] = rng.binomial(2, 0.5, size=(T, int((~keep).sum())))
+        return G
+
+    Z = _standardise(genotypes(n_snps))
+    M = Z @ Z.T / n_snps
+    m_bar = float(np.mean(np.diag(M)))
+    idx = np.arange(D)
+    gap = np.abs(idx[:, None] - idx[None, :])
+    first = np.minimum(idx[:, None], idx[None, :])
+    r_g = np.where(gap == 0, 1.0, 0.0) + np.where(gap == 1, 0.5 * (-0.6) ** first, 0.0)
+    r_e = np.where(gap == 0, 1.0, np.where(gap == 1, 0.3, 0.0))
+    r_g, r_e = 0.5 * (r_g + r_g.T), 0.5 * (r_e + r_e.T)
+    total = np.linspace(1.0, 2.0, D)
+    sd_g, sd_e = np.sqrt(h2 * total / m_bar), np.sqrt((1 - h2) * total)
+    K = sd_g[:, None] * r_g * sd_g[None, :]
+    Sigma = sd_e[:, None] * r_e * sd_e[None, :]
+    F = np.column_stack([np.ones(T), rng.normal(size=T)])
+    B = np.vstack([np.linspace(1.0, -1.0, D), np.linspace(0.5, 0.2, D)])
+    w, v = np.linalg.eigh(M)
+    root = v * np.sqrt(np.clip(w, 0, None))
+    genetic = root @ rng.normal(size=(T, D)) @ np.linalg.cholesky(K).T
+    noise = rng.normal(size=(T, D)) @ np.linalg.cholesky(Sigma).T
+    scan = genotypes(n_scan)
+    causal = np.sort(rng.choice(n_scan, size=min(3, n_scan), replace=False))
+    effects = 0.25 * rng.normal(size=(causal.size, D)) * np.sqrt(total)[None, :]
+    Y = F @ B + genetic + noise + _standardise(scan[:, causal]) @ effects
+    return SimulatedTraits(Y, M, F, scan, K, Sigma, B, causal, effects)
