@@ -1,4 +1,5 @@
-"""Command line: ``kronlik check`` (gradient cross-check) and ``kronlik fit`` (fit a dataset).
+"""Command line: ``kronlik check`` (gradient cross-check), ``kronlik fit`` (fit a dataset) and
+``kronlik mixed`` (multi-trait mixed model: heritabilities, genetic correlations, association scan).
 
 Also ``python -m kronlik check|fit``.
 """
@@ -98,7 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     fitp.add_argument("--out", help="write everything needed to rebuild the fitted model as JSON here")
     fitp.add_argument("--plot", help="draw data, posterior mean, latent and observation ±2 sd bands to this PNG")
+    from ._mixed_command import add_parser
+
+    add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "mixed":
+        from ._mixed_command import run
+
+        return run(args)
     return _check(args) if args.command == "check" else _fit(args)
 
 

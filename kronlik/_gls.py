@@ -118,7 +118,10 @@ def profile(f: Factors, Y: Array, terms: tuple[tuple[Array, Array], ...], method
             qa_perp = jnp.transpose(qmat[rd:].reshape(T, D, q) / jnp.sqrt(f.pencil.nu)[None, :, None], (2, 0, 1))
             qr_ = qr_ + qa_perp
         extra = DataTerms(qa, qa_perp, qr_)
-    ok = f.flags.all() & jnp.all(jnp.isfinite(Y)) & jnp.isfinite(value)
+    # X of full column rank: each |R_kk| resolved against its column's norm (numpy's rank rule)
+    resolution = max(x_w.shape) * jnp.finfo(x_w.dtype).eps
+    full_rank = jnp.all(jnp.abs(jnp.diagonal(r)) > resolution * jnp.linalg.norm(x_w, axis=0))
+    ok = f.flags.all() & full_rank & jnp.all(jnp.isfinite(Y)) & jnp.isfinite(value)
     solved = Solved(jnp.where(ok, value, jnp.nan), a, a_perp, ok)
     return Profiled(solved.value, solved, b, r, extra, qmat, res_w)
 

@@ -19,6 +19,7 @@ m̄ the mean of diag M.
 from __future__ import annotations
 
 import sys
+import warnings
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -189,7 +190,9 @@ def _gls_impl(Y, form, K, noise, terms, eigh_dtype):
     return nan(prof.b), nan(r_inv @ r_inv.T)
 
 
-_gls = not_differentiable(_gls_impl, (5,), "kronlik.gls is not differentiable (its value is; see loglik_mixed)")
+_gls = jax.jit(
+    not_differentiable(_gls_impl, (5,), "kronlik.gls is not differentiable (loglik_mixed is)"), static_argnums=(5,)
+)
 
 
 def gls(
@@ -318,6 +321,29 @@ def make_problem(Y, M, F, A) -> Problem:
     v = fm.vectors
     rotated = tuple((v.T @ f_i, a_i) for f_i, a_i in terms)
     return Problem(v.T @ Y, Diagonal(fm.values), rotated, v, m_bar)
+
+
+_ML_UNBOUNDED = (
+    "the ML likelihood is unbounded for these data: a covariate direction (e.g. the intercept) lies in "
+    "the null space of M (a kinship from centred genotypes has M·1 = 0), so L → +∞ as Σ becomes "
+    "singular along it, and the returned point is a local maximum. Use method='reml' (bounded: its "
+    "log det XᵀU⁻¹X term cancels the divergence), or a positive definite M (e.g. M + δI)."
+)
+
+
+def ml_unbounded(prob: Problem) -> bool:
+    """True if some unit vector of span(F₁) lies in the null space of M (λ ≤ 1e-8 λ_max)."""
+    F = prob.terms[0][0]
+    q_f = jnp.linalg.qr(F)[0]
+    if isinstance(prob.form, Diagonal):
+        lam = prob.form.values
+        null = jnp.where((lam <= 1e-8 * jnp.max(lam))[:, None], q_f, 0.0)
+    else:
+        basis = prob.form.eigenbasis()
+        keep = basis.lam > 1e-8 * jnp.max(basis.lam)
+        v = jnp.where(keep[None, :], basis.vectors, 0.0)
+        null = q_f - v @ (v.T @ q_f)
+    return bool(jnp.linalg.norm(null, ord=2) > 1 - 1e-6)
 
 
 def _cholesky_params(C: Array) -> Array:
@@ -453,6 +479,24 @@ def _lbfgs(prob: Problem, start, consts, tol, *, method: str, build, num_steps: 
     return _Run(p, value, steps, gnorm, converged, done & ~converged & finite)
 
 
+def _maximise(prob: Problem, start, consts, tol, *, method: str, build, num_steps: int, restarts: int = 8) -> _Run:
+    """:func:`_lbfgs`, restarted with a fresh memory while it stops short (a failed line search
+    near a boundary, e.g. Σ nearly singular in a small sample) and the restart still gains."""
+    tol = jnp.asarray(tol, prob.Y.dtype)
+    run = _lbfgs(prob, start, consts, tol, method=method, build=build, num_steps=num_steps)
+    steps = int(run.num_steps)
+    for _ in range(restarts):
+        if bool(run.converged) or steps >= num_steps or not bool(jnp.isfinite(run.loglik)):
+            break
+        again = _lbfgs(prob, run.params, consts, tol, method=method, build=build, num_steps=num_steps - steps)
+        steps += int(again.num_steps)
+        gained = float(again.loglik - run.loglik) > 1e-12 * abs(float(run.loglik))
+        run = again if bool(again.loglik >= run.loglik) else run
+        if not gained:
+            break
+    return run._replace(num_steps=jnp.asarray(steps))
+
+
 def fit_mixed(
     Y: Array,
     M: MForm,
@@ -488,12 +532,13 @@ def fit_mixed(
     """
     _check_method(method)
     prob = make_problem(Y, M, F, A)
+    if method == ML and ml_unbounded(prob):
+        warnings.warn(_ML_UNBOUNDED, stacklevel=2)
     if progress:
         print(f"kronlik fit_mixed: {method}, T = {prob.Y.shape[0]}, D = {prob.Y.shape[1]}", file=sys.stderr, flush=True)
     K0, S0 = _start(prob, method=method)
     start = {"k": _cholesky_params(K0), "s": _cholesky_params(S0)}
-    tol = jnp.asarray(tol, prob.Y.dtype)
-    run = _lbfgs(prob, start, {}, tol, method=method, build=_build_free, num_steps=num_steps)
+    run = _maximise(prob, start, {}, tol, method=method, build=_build_free, num_steps=num_steps)
     if progress:
         print(
             f"kronlik fit_mixed: {int(run.num_steps)} steps, L = {float(run.loglik):.6f}, "
@@ -643,8 +688,7 @@ def genetic_correlation_test(
 
     start = {"log_sd": jnp.log(sd), "z": z0, "s": _cholesky_params(S0)}
     consts = {"rho": jnp.asarray(value, K0.dtype)}
-    tol_ = jnp.asarray(tol, K0.dtype)
-    run = _lbfgs(pprob, start, consts, tol_, method=fit.method, build=_build_fixed_correlation, num_steps=num_steps)
+    run = _maximise(pprob, start, consts, tol, method=fit.method, build=_build_fixed_correlation, num_steps=num_steps)
     null = run.loglik
     stat = jnp.maximum(2.0 * (fit.loglik - null), 0.0)
     return CorrelationTest(stat, chi2_sf(stat, 1), null, run.converged)

@@ -290,13 +290,13 @@ def _mixed_pieces(Y, M, K, Sigma, terms):
     return U, X, chol, info, b, quad, logdet_u
 
 
+@partial(jax.jit, static_argnames=("method",))
 def loglik_mixed(Y, M, K, Sigma, terms, method: str = "reml") -> Array:
     """The ML / REML (Harville) / REML (LaMotte) value of vec(Y) ~ N(X vec B, U), B profiled out, densely.
 
     ``terms`` is a sequence of (F, A) pairs (X = [F ⊗ A, ...]); differentiable by ``jax.grad``
     in Y, M, K and Σ (B̂ = (XᵀU⁻¹X)⁻¹XᵀU⁻¹y is differentiated through, no envelope argument).
     """
-    Y, M, K, Sigma = (jnp.asarray(x) for x in (Y, M, K, Sigma))
     U, X, chol, info, b, quad, logdet_u = _mixed_pieces(Y, M, K, Sigma, terms)
     n, q = X.shape
     if method == "ml":
@@ -307,15 +307,16 @@ def loglik_mixed(Y, M, K, Sigma, terms, method: str = "reml") -> Array:
     return value
 
 
+@jax.jit
 def gls(Y, M, K, Sigma, terms) -> tuple[Array, Array]:
     """(B̂ stacked as in X's columns (q,), (XᵀU⁻¹X)⁻¹ (q, q)), densely."""
-    _, _, _, info, b, _, _ = _mixed_pieces(*(jnp.asarray(x) for x in (Y, M, K, Sigma)), terms)
+    _, _, _, info, b, _, _ = _mixed_pieces(Y, M, K, Sigma, terms)
     return b, jnp.linalg.inv(info)
 
 
+@partial(jax.jit, static_argnames=("method",))
 def information_mixed(M, K, Sigma, terms, method: str = "reml") -> Array:
     """½ tr(P ∂ᵢU P ∂ⱼU) over θ = (vech K, vech Σ) (P = U⁻¹ for ML, U⁻¹ - U⁻¹X(XᵀU⁻¹X)⁻¹XᵀU⁻¹ for REML)."""
-    M, K, Sigma = (jnp.asarray(x) for x in (M, K, Sigma))
     T, D = M.shape[0], K.shape[0]
     U = _dense_covariance(M, K, Sigma)
     ui = jnp.linalg.inv(U)

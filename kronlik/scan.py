@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -30,7 +31,7 @@ import numpy as np
 from ._core import factor
 from ._gls import ML, profile, whitened_design
 from ._noise import FullNoise
-from .mixed import MixedFit, _build_free, _cholesky_params, _lbfgs, chi2_sf
+from .mixed import _ML_UNBOUNDED, MixedFit, _build_free, _cholesky_params, _maximise, chi2_sf, ml_unbounded
 
 Array = jax.Array
 
@@ -146,15 +147,16 @@ def scan(
 
 def _lrt(fit: MixedFit, G: Array, A_g: Array, progress: bool) -> ScanResult:
     prob = fit.problem
+    if ml_unbounded(prob):
+        warnings.warn(_ML_UNBOUNDED, stacklevel=3)
     start = {"k": _cholesky_params(fit.K), "s": _cholesky_params(fit.Sigma)}
-    tol = jnp.asarray(1e-8, prob.Y.dtype)
-    null = _lbfgs(prob, start, {}, tol, method=ML, build=_build_free, num_steps=500)
+    null = _maximise(prob, start, {}, 1e-8, method=ML, build=_build_free, num_steps=500)
     chi2, effect, se, last = [], [], [], time.perf_counter()
     G_rot = prob.rotate(G)
     a = A_g.shape[1]
     for k in range(G.shape[1]):
         alt_prob = prob._replace(terms=(*prob.terms, (G_rot[:, k : k + 1], A_g)))
-        alt = _lbfgs(alt_prob, null.params, {}, tol, method=ML, build=_build_free, num_steps=500)
+        alt = _maximise(alt_prob, null.params, {}, 1e-8, method=ML, build=_build_free, num_steps=500)
         K, S = _build_free(alt.params, {})
         f = factor(alt_prob.form, K, FullNoise(S), None)
         prof = profile(f, alt_prob.Y, alt_prob.terms, ML)

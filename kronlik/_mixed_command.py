@@ -1,0 +1,257 @@
+"""``kronlik mixed``: fit a multi-trait mixed model, report heritabilities and correlations, scan.
+
+With no input files it simulates a data set (:func:`kronlik.datasets.simulate_traits`: T = 300
+individuals, 3 traits, a kinship from 500 SNPs, 1000 SNPs to scan with three causal) and runs
+the whole job on it. Bad arguments or files: exit 2 with a message, before any fitting, and
+nothing written; outputs are written all or none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ._fit_command import _write_all
+from .datasets import DataError, read_csv
+
+
+def _fail(message: str) -> int:
+    print(f"kronlik mixed: error: {message}", file=sys.stderr)
+    return 2
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "mixed",
+        help="multi-trait linear mixed model: REML fit, heritabilities, genetic correlations, association scan",
+        description="Fits vec(Y) ~ N(vec(F B), M ⊗ K + I ⊗ Σ) (Y: T individuals × D traits, M: kinship, K: "
+        "genetic and Σ: environmental covariance, F: covariates with an intercept) by REML, prints K, Σ, "
+        "heritabilities and genetic/environmental correlations with standard errors, and scans genotypes "
+        "for association. With no --pheno, runs on a built-in simulated data set. Bad input: exit 2.",
+    )
+    p.add_argument("--pheno", help="CSV of traits: a header row, one column per trait, one row per individual")
+    p.add_argument("--kinship", help=".npy or headerless .csv (T, T) kinship matrix, rows in --pheno's order")
+    p.add_argument("--genotypes", help=".npy (T, m) allele counts: kinship = Z Zᵀ/m from standardised genotypes")
+    p.add_argument("--covariates", help="CSV with a header row, one column per covariate (an intercept is added)")
+    p.add_argument("--no-intercept", action="store_true", help="do not add a column of ones to the covariates")
+    p.add_argument("--method", choices=("reml", "reml-lamotte", "ml"), default="reml")
+    p.add_argument("--scan", help=".npy (T, m) genotypes to test for association, one column per variant")
+    p.add_argument("--design", choices=("any", "common"), default="any", help="scan: effect on any trait or common")
+    p.add_argument("--test", choices=("score", "wald", "lrt"), default="score", help="scan test (lrt: slow)")
+    p.add_argument("--top", type=int, default=5, help="variants to print, smallest p first (default 5)")
+    p.add_argument("--out", help="write the fit (and scan statistics) as JSON here")
+    p.add_argument("--scan-out", help="write the scan table as CSV here")
+
+
+def _load_matrix(path: str, what: str) -> np.ndarray:
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{what}: no such file: {path}")
+    try:
+        if file.suffix == ".npy":
+            x = np.load(file, allow_pickle=False)
+        else:
+            x = np.loadtxt(file, delimiter=",", ndmin=2)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{what}: cannot read {path} as a numeric matrix ({e})") from None
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
+        raise DataError(f"{what}: {path} must hold a 2-D numeric array; got shape {x.shape}, {x.dtype}")
+    x = x.astype(float)
+    if not np.all(np.isfinite(x)):
+        r, c = np.argwhere(~np.isfinite(x))[0]
+        raise DataError(f"{what}: {path} has a missing or non-finite entry at row {r + 1}, column {c + 1}")
+    return x
+
+
+def _complete_csv(path: str, what: str) -> tuple[list[str], np.ndarray]:
+    names, values, _ = read_csv(path)
+    if values.shape[0] == 0:
+        raise DataError(f"{what}: {path} has no rows")
+    bad = np.argwhere(np.isnan(values))
+    if bad.size:
+        r, c = bad[0]
+        raise DataError(
+            f"{what}: {path} row {r + 1}, column '{names[c]}' is missing; kronlik mixed needs complete "
+            f"data ({int(np.isnan(values).any(axis=1).sum())} rows have gaps: drop those individuals)"
+        )
+    return names, values
+
+
+def _standardised_genotypes(G: np.ndarray) -> np.ndarray:
+    sd = G.std(axis=0)
+    keep = sd > 0
+    if not keep.any():
+        raise DataError("--genotypes: every SNP is monomorphic")
+    return (G[:, keep] - G[:, keep].mean(axis=0)) / sd[keep]
+
+
+def _inputs(args) -> dict:
+    """Everything read and checked (DataError on the first problem); the simulation by default."""
+    if args.top < 0:
+        raise DataError(f"--top must be >= 0; got {args.top}")
+    for flag in ("out", "scan_out"):
+        value = getattr(args, flag)
+        if value is not None and Path(value).is_dir():
+            raise DataError(f"--{flag.replace('_', '-')} {value} is a directory")
+    if args.out is not None and args.out == args.scan_out:
+        raise DataError("--out and --scan-out must be different files")
+    if args.pheno is None:
+        if any(getattr(args, f) is not None for f in ("kinship", "genotypes", "covariates", "scan")):
+            raise DataError("--kinship/--genotypes/--covariates/--scan need --pheno")
+        from .datasets import simulate_traits
+
+        sim = simulate_traits()
+        return {
+            "source": "built-in simulation (kronlik.datasets.simulate_traits(): T=300, D=3, h²=0.6, "
+            "three causal variants among 1000 scanned)",
+            "traits": [f"trait{d}" for d in range(sim.Y.shape[1])],
+            "Y": sim.Y,
+            "M": sim.kinship,
+            "F": sim.covariates,
+            "covariates": ["intercept", "x"],
+            "scan": sim.genotypes,
+            "truth": {"causal": sim.causal.tolist(), "K": sim.K.tolist(), "Sigma": sim.Sigma.tolist()},
+        }
+    if (args.kinship is None) == (args.genotypes is None):
+        raise DataError("give exactly one of --kinship and --genotypes")
+    traits, Y = _complete_csv(args.pheno, "--pheno")
+    T = Y.shape[0]
+    if args.kinship is not None:
+        M = _load_matrix(args.kinship, "--kinship")
+        if M.shape != (T, T):
+            raise DataError(f"--kinship must be ({T}, {T}) to match --pheno's {T} rows; got {M.shape}")
+        if not np.allclose(M, M.T, rtol=1e-10, atol=1e-12 * np.abs(M).max()):
+            raise DataError("--kinship is not symmetric")
+    else:
+        G = _load_matrix(args.genotypes, "--genotypes")
+        if G.shape[0] != T:
+            raise DataError(f"--genotypes must have {T} rows to match --pheno; got {G.shape}")
+        Z = _standardised_genotypes(G)
+        M = ("lowrank", Z / np.sqrt(Z.shape[1]))
+    cov_names, F = [], np.ones((T, 0))
+    if args.covariates is not None:
+        cov_names, F = _complete_csv(args.covariates, "--covariates")
+        if F.shape[0] != T:
+            raise DataError(f"--covariates must have {T} rows to match --pheno; got {F.shape[0]}")
+    if not args.no_intercept:
+        F, cov_names = np.column_stack([np.ones(T), F]), ["intercept", *cov_names]
+    if F.shape[1] == 0:
+        raise DataError("no covariates: drop --no-intercept or give --covariates")
+    if np.linalg.matrix_rank(F) < F.shape[1]:
+        raise DataError(
+            f"the covariates {cov_names} are linearly dependent (e.g. a constant column beside the intercept)"
+        )
+    scan = None
+    if args.scan is not None:
+        scan = _load_matrix(args.scan, "--scan")
+        if scan.shape[0] != T:
+            raise DataError(f"--scan must have {T} rows to match --pheno; got {scan.shape}")
+    return {"source": args.pheno, "traits": traits, "Y": Y, "M": M, "F": F, "covariates": cov_names, "scan": scan}
+
+
+def _table(names, values, ses) -> str:
+    width = max(len(n) for n in names) + 2
+    lines = ["".ljust(width) + "".join(n.rjust(20) for n in names)]
+    for i, n in enumerate(names):
+        cells = [
+            f"{values[i, j]: .4g} ± {ses[i, j]:.2g}" if i != j else f"{values[i, j]: .4g}" for j in range(len(names))
+        ]
+        lines.append(n.ljust(width) + "".join(c.rjust(20) for c in cells))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        data = _inputs(args)
+    except (DataError, ValueError) as e:
+        return _fail(str(e))
+    import jax
+
+    # This process is a program: float64 for a statistical fit (the library never sets this).
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    import kronlik
+
+    Y, F, traits = data["Y"], data["F"], data["traits"]
+    T, D = Y.shape
+    M = data["M"]
+    M = kronlik.LowRank(jnp.asarray(M[1])) if isinstance(M, tuple) else kronlik.factorize(jnp.asarray(M))
+    if not bool(jnp.all(jnp.isfinite(M.values if hasattr(M, "values") else M.factor))):
+        return _fail("the kinship is not positive semi-definite (or not finite)")
+    print(
+        f"kronlik mixed: {data['source']}: T={T} individuals, D={D} traits, covariates {data['covariates']}",
+        file=sys.stderr,
+    )
+    fit = kronlik.fit_mixed(Y, M, F, method=args.method, progress=True)
+    h2, h2_se = kronlik.heritability(fit)
+    rg, rg_se = kronlik.genetic_correlation(fit)
+    re, re_se = kronlik.environmental_correlation(fit)
+    lines = [
+        f"{args.method.upper()} log-likelihood {float(fit.loglik):.6f}   converged {bool(fit.converged)}"
+        + ("" if bool(fit.converged) else f" (stalled {bool(fit.stalled)})"),
+        "heritability h² = m̄ K_dd / (m̄ K_dd + Σ_dd) ± SE (delta method, expected information):",
+        *(f"  {t:<16}{float(h):.4f} ± {float(s):.4f}" for t, h, s in zip(traits, h2, h2_se)),
+        "genetic correlations ± SE:",
+        _table(traits, np.asarray(rg), np.asarray(rg_se)),
+        "environmental correlations ± SE:",
+        _table(traits, np.asarray(re), np.asarray(re_se)),
+    ]
+    result = {
+        "source": data["source"],
+        "method": args.method,
+        "traits": traits,
+        "covariates": data["covariates"],
+        "loglik": float(fit.loglik),
+        "converged": bool(fit.converged),
+        "K": np.asarray(fit.K).tolist(),
+        "Sigma": np.asarray(fit.Sigma).tolist(),
+        "B": np.asarray(fit.B).tolist(),
+        "B_se": np.sqrt(np.diagonal(np.asarray(fit.B_cov))).reshape(np.shape(fit.B)).tolist(),
+        "heritability": np.asarray(h2).tolist(),
+        "heritability_se": np.asarray(h2_se).tolist(),
+        "genetic_correlation": np.asarray(rg).tolist(),
+        "genetic_correlation_se": np.asarray(rg_se).tolist(),
+        "environmental_correlation": np.asarray(re).tolist(),
+        "environmental_correlation_se": np.asarray(re_se).tolist(),
+        "information_order": "vech(K), vech(Sigma), lower triangles row by row",
+        "information": np.asarray(fit.information).tolist(),
+    }
+    if "truth" in data:
+        result["truth"] = data["truth"]
+    outputs = []
+    if data["scan"] is not None:
+        G = data["scan"]
+        print(f"kronlik mixed: scanning {G.shape[1]} variants ({args.design} effect, {args.test})", file=sys.stderr)
+        res = kronlik.scan(fit, G, design=args.design, test=args.test, progress=True)
+        p = np.asarray(res.p_value)
+        order = np.argsort(p)[: args.top]
+        causal = set(data.get("truth", {}).get("causal", []))
+        lines.append(f"association scan: {G.shape[1]} variants, χ² on {res.df} df ({args.test}); smallest p:")
+        for k in order:
+            mark = "   (simulated causal)" if k in causal else ""
+            lines.append(f"  variant {k:<8d} χ² {float(res.chi2[k]):9.3f}   p {p[k]:.3e}{mark}")
+        result["scan"] = {"test": args.test, "design": args.design, "df": res.df, "top": order.tolist()}
+        if args.scan_out:
+            cols = ["variant", "chi2", "df", "p_value"]
+            a = res.effect.shape[1]
+            effect_names = traits if a == D else ["common"]
+            cols += [f"effect_{n}" for n in effect_names] + [f"se_{n}" for n in effect_names]
+            rows = np.column_stack(
+                [np.arange(G.shape[1]), res.chi2, np.full(G.shape[1], res.df), p, res.effect, res.se]
+            )
+            text = (
+                ",".join(cols)
+                + "\n"
+                + "\n".join(",".join([str(int(r[0])), *(f"{x:.10g}" for x in r[1:])]) for r in rows)
+            )
+            outputs.append((args.scan_out, text + "\n", None))
+    print("\n".join(lines))
+    if args.out:
+        outputs.append((args.out, json.dumps(result, indent=2), None))
+    _write_all(outputs)
+    return 0
