@@ -25,6 +25,7 @@ from .mixed import (
     genetic_correlation_test,
     gls,
     heritability,
+    heritability_interval,
     information_mixed,
     loglik_mixed,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "genetic_correlation_test",
     "gls",
     "heritability",
+    "heritability_interval",
     "information_mixed",
     "loglik_mixed",
     "scan",

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 import numpy as np
 
-from ._checks import check_eigh_dtype, prepare, same_dtype
+from ._checks import as_float_arrays, check_eigh_dtype, prepare, same_dtype
 from ._core import backward, factor, not_differentiable
 from ._gls import LAMOTTE, METHODS, ML, profile, reml_information_correction
 from ._noise import FullNoise
@@ -47,6 +47,7 @@ __all__ = [
     "genetic_correlation_test",
     "gls",
     "heritability",
+    "heritability_interval",
     "information_mixed",
     "loglik_mixed",
 ]
@@ -70,6 +71,8 @@ def _check_method(method: str) -> str:
 def _terms(Y: Array, F, A, extra: Terms = ()) -> Terms:
     """((F, A), *extra) checked against Y: F (T, c), A (D, a), Y's dtype, q = Σ c a < T D."""
     T, D = Y.shape
+    if F is None:
+        raise ValueError(f"covariates F are required: a (T, c) array, e.g. jnp.ones(({T}, 1)) for an intercept")
     out = []
     for f_i, a_i in ((F, A), *extra):
         f_i = same_dtype("F", f_i, Y)
@@ -231,12 +234,12 @@ def _information(Y, form, K, noise, terms, method, eigh_dtype) -> Array:
     dk = jnp.concatenate([unit, zero])
     ds = jnp.concatenate([zero, unit])
     info = _fisher_in_basis(f, dk, ds, jnp.zeros((0,), int), None)
+    prof = profile(f, Y, terms, method)  # also says whether X has full column rank and all is finite
     if method != ML:
-        prof = profile(f, Y, terms, method)
         p = f.pencil.p
         rot = lambda d: jnp.einsum("dk,ide,el->ikl", p, d, p)  # noqa: E731
         info = info + reml_information_correction(f, prof.extra, rot(dk), rot(ds))
-    return info
+    return jnp.where(prof.solved.ok, info, jnp.nan)
 
 
 def information_mixed(
@@ -261,9 +264,11 @@ def information_mixed(
     """
     _check_method(method)
     T = _rows(M)
-    D = jnp.shape(K)[0]
-    dtype = jnp.asarray(K).dtype
-    Y, form, K, noise = prepare(jnp.zeros((T, D), dtype), M, K, Sigma, FullNoise)
+    K, Sigma = as_float_arrays(("K", "Sigma"), (K, Sigma))
+    if K.ndim != 2 or K.shape[0] != K.shape[1] or K.shape[0] == 0:
+        raise ValueError(f"K must be a square (D, D) array; got shape {K.shape}")
+    D = K.shape[0]
+    Y, form, K, noise = prepare(jnp.zeros((T, D), K.dtype), M, K, Sigma, FullNoise, y_name="(T, D from M and K)")
     terms = _terms(Y, F, A)
     return jax.jit(_information, static_argnums=(5, 6))(Y, form, K, noise, terms, method, check_eigh_dtype(eigh_dtype))
 
@@ -457,7 +462,7 @@ def _lbfgs(prob: Problem, start, consts, tol, *, method: str, build, num_steps: 
     def body(carry):
         p, state, step, _, previous, _ = carry
         value, grad = jax.value_and_grad(loss)(p)
-        gnorm = jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in jax.tree_util.tree_leaves(grad)]))
+        gnorm = jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in jax.tree_util.tree_leaves(grad) if g.size]))
         done = (gnorm <= tol) | (jnp.abs(value - previous) <= rtol * jnp.abs(value)) | ~jnp.isfinite(value)
         # optax mixes int32 and int64 counters (L-BFGS under x64): standard promotion, scoped.
         with jax.numpy_dtype_promotion("standard"):
@@ -532,6 +537,7 @@ def fit_mixed(
     """
     _check_method(method)
     prob = make_problem(Y, M, F, A)
+    _check_concrete(prob)
     if method == ML and ml_unbounded(prob):
         warnings.warn(_ML_UNBOUNDED, stacklevel=2)
     if progress:
@@ -557,7 +563,26 @@ def _summary(prob: Problem, K: Array, S: Array, *, method: str) -> tuple:
     return info, _inverse_pd(info), b, b_cov
 
 
+def _check_concrete(prob: Problem) -> None:
+    """What a fit needs of its (concrete) data, said before any fitting."""
+    if not bool(jnp.all(jnp.isfinite(prob.Y))):
+        raise ValueError(
+            "Y has missing or non-finite entries; fit_mixed needs complete traits (drop those individuals; "
+            "loglik with a mask handles missing entries without covariates)"
+        )
+    for F, A in prob.terms:
+        for name, x in (("covariates F", F), ("trait design A", A)):
+            x = np.asarray(x, np.float64)
+            if not np.all(np.isfinite(x)):
+                raise ValueError(f"{name} has non-finite entries")
+            if np.linalg.matrix_rank(x) < x.shape[1]:
+                raise ValueError(f"{name} of shape {x.shape} is not of full column rank: B is not identified")
+
+
 def _finish(prob: Problem, method: str, K, S, run: _Run) -> MixedFit:
+    # never finite numbers from a failed fit (a NaN likelihood: e.g. an M that is not PSD)
+    ok = jnp.isfinite(run.loglik)
+    K, S = jnp.where(ok, K, jnp.nan), jnp.where(ok, S, jnp.nan)
     info, cov, b, b_cov = _summary(prob, K, S, method=method)
     c, a = prob.terms[0][0].shape[1], prob.terms[0][1].shape[1]
     return MixedFit(
@@ -625,6 +650,26 @@ def heritability(fit: MixedFit) -> tuple[Array, Array]:
     """
     m = fit.m_bar
     return _delta(fit, lambda K, S: m * jnp.diagonal(K) / (m * jnp.diagonal(K) + jnp.diagonal(S)))
+
+
+def heritability_interval(fit: MixedFit, level: float = 0.95) -> tuple[Array, Array]:
+    """A confidence interval for each h²_d: the delta method on the logit scale, mapped back.
+
+    logit(ĥ²) ± z · SE / (ĥ²(1 - ĥ²)) with z the normal quantile of ``level``. Unlike the Wald
+    interval ĥ² ± z·SE it stays inside (0, 1) and follows the skew of ĥ²'s sampling distribution
+    (its SE shrinks as ĥ² grows), which at T = 300 makes the Wald interval cover only 91-93 % where
+    this one covers 94-96 % (``examples/heritability_coverage.py``).
+
+    Returns:
+      (lower, upper), each (D,).
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1); got {level}")
+    h2, se = heritability(fit)
+    z = jax.scipy.special.ndtri(jnp.asarray(0.5 + level / 2, h2.dtype))
+    centre = jnp.log(h2) - jnp.log1p(-h2)
+    half = z * se / (h2 * (1 - h2))
+    return jax.nn.sigmoid(centre - half), jax.nn.sigmoid(centre + half)
 
 
 def _correlation(C: Array) -> Array:

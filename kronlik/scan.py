@@ -5,7 +5,7 @@ trait, 1_D for a common effect), the alternative mean adds g ⊗ A_g to the cova
 and Σ fixed at the null fit, in the null's whitened basis (``kronlik._gls``: X̃ = QR, residual
 r̃ = (I - QQᵀ) ỹ) and X̃_g the whitened g ⊗ A_g,
 
-    u = X̃_gᵀ r̃,   V = X̃_gᵀ X̃_g - (QᵀX̃_g)ᵀ(QᵀX̃_g) = X_gᵀ P X_g,   β̂ = V⁻¹ u,   Cov(β̂) = V⁻¹,
+    u = X̃_gᵀ r̃,   V = X̃_gᵀ (I - QQᵀ) X̃_g = X_gᵀ P X_g  (as x_pᵀx_p, x_p = (I - QQᵀ) X̃_g),   β̂ = V⁻¹ u,   Cov(β̂) = V⁻¹,
     χ² = uᵀ V⁻¹ u   on a degrees of freedom,
 
 the score statistic, and algebraically also the Wald statistic β̂ᵀ Cov(β̂)⁻¹ β̂ (the covariances
@@ -69,8 +69,11 @@ def _score_batch(f, prof, Y, A_g, G_rot):
 
     def one(g):
         x = whitened_design(f, ((g[:, None], A_g),))  # (rows, a)
-        qx = prof.q.T @ x
-        v = x.T @ x - qx.T @ qx
+        # (I - QQᵀ) X̃_g projected twice (classical Gram-Schmidt, reorthogonalised), then V = x_pᵀx_p:
+        # V = X̃_gᵀX̃_g - (QᵀX̃_g)ᵀ(QᵀX̃_g) would cancel for a variant close to a covariate.
+        for _ in range(2):
+            x = x - prof.q @ (prof.q.T @ x)
+        v = x.T @ x
         u = x.T @ prof.residual
         chol = jnp.linalg.cholesky(0.5 * (v + v.T))
         z = jax.scipy.linalg.solve_triangular(chol, u, lower=True)

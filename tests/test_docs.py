@@ -69,6 +69,19 @@ def test_notebooks_execute():
         ).execute()
 
 
+def test_heritability_coverage_example_runs():
+    # a smoke run (the 500-replicate study is in benchmarks/RESULTS.md): every replicate fitted,
+    # coverages and SEs reported for each trait and pair
+    results = _run_example("heritability_coverage.py", ["--replicates", "4", "--T", "60", "--D", "2", "--snps", "80"])
+    assert results["replicates"] == 4 and results["converged"] > 0
+    assert (
+        set(results["h2"]) == {"h2_0", "h2_1"}
+        and set(results["rg"]) == {"rg_01"}
+        and set(results["h2_logit"]) == {"h2_0", "h2_1"}
+    )
+    assert np.all(np.isfinite(results["draws"]["h2_se"]))
+
+
 def test_sharded_batch_example_on_four_cpu_devices():
     # XLA_FLAGS must be set before JAX starts, hence a fresh process.
     import json

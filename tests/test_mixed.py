@@ -221,6 +221,16 @@ def test_fit_reaches_the_dense_optimum_and_ses_match_dense_fisher(simulated):
             est, got_se = est[rows, cols], got_se[rows, cols]
         assert max_rel(est, fn(theta)) < 1e-12
         assert float(jnp.max(jnp.abs(got_se / se - 1))) < 1e-6  # the issue asks 2 %
+    # the logit-scale interval of h²
+    h, h_se = kronlik.heritability(fit)
+    lo, hi = kronlik.heritability_interval(fit, level=0.9)
+    logit = np.log(np.asarray(h) / (1 - np.asarray(h)))
+    half = 1.6448536269514722 * np.asarray(h_se) / (np.asarray(h) * (1 - np.asarray(h)))
+    assert (
+        max_rel(lo, 1 / (1 + np.exp(-(logit - half)))) < 1e-12
+        and max_rel(hi, 1 / (1 + np.exp(-(logit + half)))) < 1e-12
+    )
+    assert bool(jnp.all((lo < h) & (h < hi)))
     # GLS at the fit, against the dense oracle
     b, b_cov = reference.gls(Y, M, fit.K, fit.Sigma, terms)
     assert max_rel(fit.B.reshape(-1), b) < 1e-10 and max_rel(fit.B_cov, b_cov) < 1e-10
@@ -316,6 +326,25 @@ def test_lrt_scan_equals_ml_refits(small):
         assert max_rel(got.effect[k], alt.B[-1]) < 1e-4
 
 
+def test_scan_is_accurate_for_a_variant_close_to_a_covariate(small):
+    # P annihilates the intercept, so g = 1 + n/10⁶ and g = n/10⁶ are the same test; forming
+    # V = X̃ᵀX̃ - (QᵀX̃)ᵀ(QᵀX̃) lost (10⁶)²·eps ≈ 1e-4 of it (NaN at 10⁸), the projection does not.
+    sim, fit = small
+    n = np.random.default_rng(2).standard_normal(40)
+    for off in (1e6, 1e8):
+        near = kronlik.scan(fit, (1 + n / off)[:, None]).chi2
+        apart = kronlik.scan(fit, (n / off)[:, None]).chi2
+        assert bool(jnp.all(jnp.isfinite(near))) and max_rel(near, apart) < 1e-5
+
+
+def test_genetic_correlation_test_with_two_traits(small):
+    sim, _ = small
+    fit = kronlik.fit_mixed(sim.Y[:, :2], sim.kinship, sim.covariates)
+    res = kronlik.genetic_correlation_test(fit, 0, 1, 0.0)
+    assert bool(res.converged) and 0.0 <= float(res.statistic) and 0.0 < float(res.p_value) <= 1.0
+    assert float(res.loglik_null) <= float(fit.loglik) + 1e-9
+
+
 def test_scan_rejects_bad_input(small):
     sim, fit = small
     with pytest.raises(ValueError, match="shape"):
@@ -353,8 +382,19 @@ def test_bad_input_raises_clearly():
         jax.grad(kronlik.loglik_mixed, argnums=4)(Y, M, K, S, F)
     with pytest.raises(TypeError, match="second"):
         jax.hessian(kronlik.loglik_mixed, argnums=2)(Y, M, K, S, F)
-    # rank-deficient covariates: NaN, never a finite number
-    assert bool(jnp.isnan(kronlik.loglik_mixed(Y, M, K, S, jnp.column_stack([F, F[:, 0]]))))
+    # rank-deficient covariates: NaN, never a finite number (and fit_mixed says so up front)
+    dup = jnp.column_stack([F, F[:, 0]])
+    assert bool(jnp.isnan(kronlik.loglik_mixed(Y, M, K, S, dup)))
+    for method in METHODS:
+        assert bool(jnp.all(jnp.isnan(kronlik.information_mixed(M, K, S, dup, method=method))))
+    with pytest.raises(ValueError, match="not of full column rank"):
+        kronlik.fit_mixed(Y, M, dup)
+    with pytest.raises(ValueError, match="complete traits"):
+        kronlik.fit_mixed(Y.at[0, 0].set(jnp.nan), M, F)
+    with pytest.raises(ValueError, match="covariates F are required"):
+        kronlik.loglik_mixed(Y, M, K, S, None)
+    with pytest.raises(ValueError, match="K must be a square"):
+        kronlik.information_mixed(M, K[:2], S, F)
     assert bool(jnp.isnan(kronlik.loglik_mixed(Y, M, K, -S, F)))
 
 
