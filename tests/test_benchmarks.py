@@ -81,3 +81,10 @@ def test_missing_benchmark_smoke(tmp_path):
     if saved["gpytorch"] is not None:
         gp = saved["gpytorch"]
         assert gp["gpytorch Cholesky rel diff"] < 1e-9 and gp["gpytorch Cholesky ∂K rel diff"] < 1e-8
+
+
+def test_mixed_benchmark_smoke():
+    result = _main("mixed.py")(["--T", "30", "--D", "2", "--variants", "4", "--dense-variants", "2"])
+    assert result["value_grad_agreement"] < 1e-10
+    assert abs(result["fit"]["kronlik_minus_dense_loglik"]) < 1e-6
+    assert result["scan"]["max_rel_chi2_difference"] < 1e-8
