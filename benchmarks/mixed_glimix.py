@@ -73,6 +73,22 @@ from kronlik.datasets import simulate_traits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 METHOD_OF = {False: "ml", True: "reml-lamotte"}  # glimix restricted= -> the kronlik convention it reports
+# glimix-core 3.1.14's conventions, read from its source (lmm/_kron2sum.py, _kron2sum_scan.py, cov/) and
+# confirmed numerically by this script where a number can confirm them
+GLIMIX_CONVENTIONS = {
+    "covariance": "C0 ⊗ GGᵀ + C1 ⊗ I on column-major vec(Y): C0 (genetic) = kronlik K, C1 (environmental) = Σ",
+    "kinship_input": "a factor G (n × r) with GGᵀ = kinship, not the kinship; G is divided by max(G) inside, "
+    "and the C0 property is rescaled back",
+    "C1_floor": "C1 = LLᵀ + εI with ε = 1000·sqrt(machine eps) ≈ 1.5e-5, included in the C1 property",
+    "rank": "rank of C0 (C0 = LLᵀ, L is D × rank), default 1; the default start is L = ones (rank-1 C0)",
+    "lml_restricted_false": "ML = kronlik method='ml'",
+    "lml_restricted_true": "REML with + ½ log det(MᵀM), M = A ⊗ X, and −(nD − cD)/2 log 2π = kronlik "
+    "'reml-lamotte' (Harville's REML + ½ log det XᵀX)",
+    "fit": "scipy L-BFGS-B, factr 1e7, pgtol 1e-7, default start; no max-iteration option",
+    "scanner": "KronFastScanner: ML whatever 'restricted'; C0, C1 fixed, an overall scale s re-fitted with and "
+    "without each candidate; its lml includes s, effsizes1_se are scaled by sqrt(s)",
+    "heritability": "not reported; here h2 = m̄C0_dd / (m̄C0_dd + C1_dd) as in kronlik",
+}
 
 
 class _Budget(Exception):
@@ -304,7 +320,12 @@ def main(argv=None):
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results_mixed_glimix.json"))
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
-    result = {"machine": _machine(), "versions": _versions(), "same_process": True}
+    result = {
+        "machine": _machine(),
+        "versions": _versions(),
+        "same_process": True,
+        "glimix_conventions": GLIMIX_CONVENTIONS,
+    }
 
     data = simulate_traits(T=300, D=3, n_scan=args.n_scan, seed=0)
     T, D = data.Y.shape

@@ -10,7 +10,7 @@ multi-trait mixed models (covariates, ML/REML, heritability, association scans) 
 :mod:`kronlik.mixed` and :mod:`kronlik.scan`.
 """
 
-from . import kernels, reference
+from . import datasets, kernels, reference
 from ._checks import default_floating_dtype
 from ._validate import Validation, validate
 from .fitting import FitResult, fit, fit_log_var
@@ -53,6 +53,7 @@ __all__ = [
     "LowRank",
     "Validation",
     "check_gradients",
+    "datasets",
     "default_floating_dtype",
     "environmental_correlation",
     "fit_mixed",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -86,6 +87,13 @@ def _score_batch(f, prof, Y, A_g, G_rot):
 _score_batch_jit = jax.jit(_score_batch)
 
 
+@partial(jax.jit, static_argnames=("method",))
+def _null(prob, K, Sigma, *, method):
+    """The null model's factors and whitened GLS, compiled once per shape."""
+    f = factor(prob.form, K, FullNoise(Sigma), None)
+    return f, profile(f, prob.Y, prob.terms, method)
+
+
 def scan(
     fit: MixedFit,
     G: Array,
@@ -129,8 +137,7 @@ def scan(
     A_g = _trait_design(design, D, Y.dtype)
     if test == "lrt":
         return _lrt(fit, G, A_g, progress)
-    f = factor(prob.form, fit.K, FullNoise(fit.Sigma), None)
-    prof = profile(f, Y, prob.terms, fit.method)
+    f, prof = _null(prob, fit.K, fit.Sigma, method=fit.method)
     m = G.shape[1]
     out, last = [], time.perf_counter()
     for start in range(0, m, batch_size):
