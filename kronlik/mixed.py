@@ -167,7 +167,7 @@ def loglik_mixed(
     >>> Y, F = jnp.array([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]]), jnp.ones((3, 1))
     >>> ml = kronlik.loglik_mixed(Y, jnp.eye(3), jnp.eye(2), jnp.eye(2), F, method="ml")
     >>> B = Y.mean(axis=0)  # with M = I, K = Σ = I the GLS estimate is the column mean
-    >>> bool(jnp.isclose(ml, kronlik.loglik(Y - B, jnp.eye(3), jnp.eye(2), jnp.eye(2))))
+    >>> bool(jnp.isclose(ml, kronlik.loglik(Y - B[None, :], jnp.eye(3), jnp.eye(2), jnp.eye(2))))
     True
     """
     _check_method(method)
