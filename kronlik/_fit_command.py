@@ -11,12 +11,13 @@ import json
 import math
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from .datasets import DataError, load_macrodata, parse_times, read_csv
+from .datasets import DataError, _decimal_year, from_decimal_year, load_macrodata, parse_times, read_csv, whole_days
 
 # Above this many rows the default is the low-rank path: eigh of a T×T M at every step costs
 # about T³/3·10 flops (0.3 s at T = 1000 on 2 cores; a fit takes ~100-500 steps).
@@ -26,6 +27,9 @@ DEFAULT_RANK = 200
 # Schur complement: m T D (r + D) + m² T D + m³ flops; 3e11 is about a minute on 2 cores).
 MASKED_FLOP_LIMIT = 3e11
 NUGGET = 1e-6  # added to the kernel matrix (whose diagonal is at least 1): M stays definite
+DEFAULT_PREDICTIONS = "predictions.csv"  # where --forecast/--predict-at write without --predictions
+# A period below this fraction of the time span leaves no digit of the phase π Δt / p (float64).
+MIN_PERIOD_PER_SPAN = 1e-12
 
 
 class Table(NamedTuple):
@@ -88,6 +92,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise DataError(f"--forecast must be at least 1; got {args.forecast}")
     if args.period is not None and not (math.isfinite(args.period) and args.period > 0):
         raise DataError(f"--period must be a positive number; got {args.period}")
+    predicting = args.forecast is not None or args.predict_at is not None
+    if args.predictions is not None and not predicting:
+        raise DataError("--predictions needs --forecast or --predict-at: without them there is nothing to predict")
     if args.predict_at is not None and not Path(args.predict_at).is_file():
         raise DataError(f"--predict-at: no such file: {args.predict_at}")
     if args.data is not None and args.data.endswith(".npz"):
@@ -105,8 +112,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise DataError(f"--kernel: {e}") from None
     outputs = [("--out", args.out), ("--plot", args.plot)]
-    if args.forecast is not None or args.predict_at is not None:
-        outputs.append(("--predictions", args.predictions))
+    if predicting:
+        outputs.append(("--predictions", predictions_path(args)))
     outputs = [(flag, path) for flag, path in outputs if path]
     inputs = [Path(p).resolve() for p in (args.data, args.predict_at) if p]
     seen: dict[Path, str] = {}
@@ -131,6 +138,35 @@ def check_arguments(args: argparse.Namespace) -> None:
         if suffix and suffix not in supported:
             raise DataError(
                 f"--plot {args.plot}: unsupported image format {suffix!r}; use one of {', '.join(sorted(supported))}"
+            )
+
+
+def predictions_path(args: argparse.Namespace) -> str:
+    return args.predictions or DEFAULT_PREDICTIONS
+
+
+def _span(table: Table) -> float:
+    """The time span that fit_table scales lengthscales and periods by (1 for a single time)."""
+    if table.t is None:
+        return float(table.Y.shape[0] - 1) or 1.0
+    return float(table.t[-1] - table.t[0]) or 1.0
+
+
+def check_periods(args: argparse.Namespace, table: Table) -> None:
+    """Fixed periods of --kernel and --period against the time span, before any work."""
+    if table.M is not None:
+        return
+    from . import kernels
+
+    span = _span(table)
+    given = [(f"--kernel: periodic({p:g})", p) for p in kernels.parse(args.kernel or "rbf").fixed_periods()]
+    if args.period is not None:
+        given.append((f"--period {args.period:g}", args.period))
+    for what, period in given:
+        if period < MIN_PERIOD_PER_SPAN * span:
+            raise DataError(
+                f"{what}: the period is below {MIN_PERIOD_PER_SPAN:g} × the time span ({span:.6g} in "
+                f"{table.time_label}): the phase π·Δt/period is lost to round-off; periods are in those units"
             )
 
 
@@ -270,6 +306,7 @@ def run(args: argparse.Namespace) -> int:
         T, D = table.Y.shape
         n_missing = 0 if data.mask is None else int((~data.mask).sum())
         method, rank, why = choose_path(args, T, D, n_missing, table.M is not None)
+        check_periods(args, table)
         new_t = _new_times(args, table)
         if table.M is not None:
             from . import validate
@@ -302,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         outputs.append((args.out, json.dumps(report.json, indent=2), None))
     if report.predictions is not None:
-        outputs.append((args.predictions, report.predictions, None))
+        outputs.append((predictions_path(args), report.predictions, None))
     if args.plot:
         outputs.append((args.plot, None, report.figure()))
     _write_all(outputs)
@@ -319,8 +356,15 @@ def _new_times(args, table: Table) -> np.ndarray | None:
     parts = []
     if args.forecast is not None:
         steps = np.diff(t)
-        step = float(np.median(steps[steps > 0])) if np.any(steps > 0) else 1.0
-        parts.append(t[-1] + step * np.arange(1, args.forecast + 1))
+        if not np.any(steps > 0):
+            raise DataError(
+                "--forecast needs at least two distinct times to set a spacing; give --predict-at instead"
+            )
+        step = float(np.median(steps[steps > 0]))
+        ahead = t[-1] + step * np.arange(1, args.forecast + 1)
+        if table.dates and whole_days(t):  # dates without a time of day: forecast whole days too
+            ahead = np.array([_decimal_year(datetime.fromisoformat(from_decimal_year(y, True))) for y in ahead])
+        parts.append(ahead)
     if args.predict_at is not None:
         header, _, _ = read_csv(args.predict_at)
         column = args.time_column if args.time_column in header else header[0]

@@ -11,7 +11,6 @@ through ``mask=`` (the exact likelihood of the observed entries).
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import jax
@@ -22,7 +21,7 @@ from jax.scipy.linalg import solve_triangular
 
 from . import fisher_information, fit, fit_log_var, kernels, loglik_diag, predict, validate
 from ._fit_command import NUGGET
-from .datasets import DataError
+from .datasets import DataError, from_decimal_year, whole_days
 from .fitting import _std_errors, observed_information
 from .forms import LowRank
 
@@ -37,10 +36,37 @@ class Report(NamedTuple):
     figure: Any  # () -> matplotlib Figure
 
 
-def _from_decimal_year(y: float) -> str:
-    year = int(np.floor(y))
-    start, end = datetime(year, 1, 1), datetime(year + 1, 1, 1)
-    return (start + timedelta(seconds=(y - year) * (end - start).total_seconds())).isoformat(timespec="seconds")
+def progress_line(per_value: float, offset: float, per_gradient: float):
+    """The fit's progress as the user reads the report: (recorded value, max|gradient|) ↦ text
+    with L = per_value · value + offset, the log-likelihood in data units, and the gradient per
+    observation (what --tol is compared with). The CSV path minimises -L_std/n (per_value = -n,
+    offset = -Σ over observed cells of log(column scale)); the .npz path records L itself."""
+
+    def line(value: float, gradient: float) -> str:
+        loglik = per_value * value + offset
+        return f"objective L = {loglik: .10g} (data units)   max|grad| {gradient / per_gradient:.3e}"
+
+    return line
+
+
+def noise_table(names, var, var_se, k_diag, k_se) -> list[str]:
+    """The noise variance and K diagonal table: each column's header word ends where its widest
+    "value ± se" cell ends, values right-aligned and "±" in one column, for names of any length."""
+    headers = ("noise variance", "K diagonal")
+    columns = [
+        ([f"{v:.4g}" for v in values], [f"{e:.3g}" for e in errors])
+        for values, errors in ((var, var_se), (k_diag, k_se))
+    ]
+    width = max(len("output"), *(len(n) for n in names))
+    head = f"{'output':<{width}}"
+    cells = [[f"{n:<{width}}"] for n in names]
+    for header, (values, errors) in zip(headers, columns):
+        wv, we = max(len(v) for v in values), max(len(e) for e in errors)
+        wv = max(wv, len(header) - 3 - we)  # a wider header widens the value part
+        head += f"   {header:>{wv + 3 + we}}"
+        for row, v, e in zip(cells, values, errors):
+            row.append(f"   {v:>{wv}} ± {e:<{we}}")
+    return [head] + ["".join(row).rstrip() for row in cells]
 
 
 class KernelModel:
@@ -103,6 +129,20 @@ class KernelModel:
         return g_new @ m.factor.T, jnp.sum(g_new * g_new, axis=1)
 
 
+def kernel_lines(ell, ell_se, periods, period_se, amps, amp_se) -> list[str]:
+    """"lengthscales: 0.7856 ± 0.0275, ..." and likewise the fitted periods and relative amplitudes."""
+
+    def pairs(values, errors):
+        return ", ".join(f"{a:.4g} ± {b:.3g}" for a, b in zip(values, errors))
+
+    lines = [f"  lengthscales: {pairs(ell, ell_se)}"]
+    if len(periods):
+        lines.append(f"  fitted periods: {pairs(periods, period_se)}")
+    if len(amps):
+        lines.append(f"  relative amplitudes: {pairs(amps, amp_se)}")
+    return lines
+
+
 def _k_of(p):
     return p["L"] @ p["L"].T + jnp.diag(jnp.exp(p["log_kappa"]))
 
@@ -150,7 +190,7 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
             optimizer,
             num_steps=args.steps,
             tol=args.tol * n_obs / T,  # fit_log_var's test is max|∂L/∂s| ≤ tol·T
-            progress=True,
+            progress=progress_line(1.0, 0.0, n_obs),  # L in the data's units (M, K and Y as given)
             eigh_dtype=eigh,
             information=None,
             mask=mask,
@@ -172,13 +212,15 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
         def loss(p):  # per observation, so that --tol does not depend on the table's size
             return -loglik_diag(ys, model.m(p, dtype), _k_of(p), p["log_var"], mask=mask, eigh_dtype=eigh) / n_obs
 
+        observed = np.isfinite(table.Y).sum(axis=0)
         r = fit(
             loss,
             p0,
             optimizer,
             num_steps=args.steps,
             tol=args.tol,
-            progress=True,
+            # L in data units: the standardised L less Σ over observed cells of log(column scale)
+            progress=progress_line(-float(n_obs), -float(np.sum(observed * np.log(scale))), 1.0),
             log_scale_keys=("log_var", "log_kappa"),
         )
         p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, F64), r.params)
@@ -235,9 +277,7 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
         warnings_se = None
     fisher = mask is None and method == "dense"
     lines = [f"\nstandard errors (±) from the {'Fisher' if fisher else 'observed'} information at the fit; data units"]
-    lines.append(f"{'output':<16} {'noise variance':>26} {'K diagonal':>26}")
-    for j, n in enumerate(names):
-        lines.append(f"{n:<16} {var_data[j]:>12.4g} ± {var_se[j]:<11.3g} {k_data[j, j]:>12.4g} ± {k_se[j, j]:<11.3g}")
+    lines += noise_table(names, var_data, var_se, np.diag(k_data), np.diag(k_se))
     for i, j in zip(*upper):
         if i < j:
             lines.append(f"K[{names[i]}, {names[j]}] = {k_data[i, j]:.4g} ± {k_se[i, j]:.3g}")
@@ -256,13 +296,7 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
         )
         for line in model.kernel.describe(kp):
             lines.append(f"  {line}")
-        lines.append("  lengthscales ± " + ", ".join(f"{a:.4g} ± {b:.3g}" for a, b in zip(ell, ell_se)))
-        if periods.size:
-            lines.append("  fitted periods ± " + ", ".join(f"{a:.4g} ± {b:.3g}" for a, b in zip(periods, period_se)))
-        if amps.size > 1:
-            lines.append(
-                "  relative amplitudes ± " + ", ".join(f"{a:.4g} ± {b:.3g}" for a, b in zip(amps[1:], amp_se[1:]))
-            )
+        lines += kernel_lines(ell, ell_se, periods, period_se, amps[1:], amp_se[1:])
         kernel_json = {
             "spec": model.kernel.spec,
             "lengthscale": ell.tolist(),
@@ -298,8 +332,9 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
             for n in names:
                 header += [f"{n}_mean", f"{n}_sd_latent", f"{n}_sd_observation"]
             rows = [",".join(header)]
+            days = table.dates and whole_days(t) and whole_days(new_t)  # print at the input's resolution
             for i, tn in enumerate(new_t):
-                cells = [f"{tn:.17g}"] + ([_from_decimal_year(tn)] if table.dates else [])
+                cells = [f"{tn:.17g}"] + ([from_decimal_year(tn, days)] if table.dates else [])
                 for j in range(D):
                     cells += [f"{new[0][i, j]:.8g}", f"{new[1][i, j]:.8g}", f"{new[2][i, j]:.8g}"]
                 rows.append(",".join(cells))

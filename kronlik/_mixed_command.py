@@ -106,15 +106,21 @@ def _inputs(args) -> dict:
 
         sim = simulate_traits()
         return {
-            "source": "built-in simulation (kronlik.datasets.simulate_traits(): T=300, D=3, h²=0.6, "
-            "three causal variants among 1000 scanned)",
+            "source": "built-in simulation (kronlik.datasets.simulate_traits(): T=300, D=3, h²=0.6 of the "
+            "polygenic + environmental variance, three causal variants among 1000 scanned; with their "
+            f"variance as residual h² = {', '.join(f'{h:.2f}' for h in sim.h2_effective)})",
             "traits": [f"trait{d}" for d in range(sim.Y.shape[1])],
             "Y": sim.Y,
             "M": sim.kinship,
             "F": sim.covariates,
             "covariates": ["intercept", "x"],
             "scan": sim.genotypes,
-            "truth": {"causal": sim.causal.tolist(), "K": sim.K.tolist(), "Sigma": sim.Sigma.tolist()},
+            "truth": {
+                "causal": sim.causal.tolist(),
+                "K": sim.K.tolist(),
+                "Sigma": sim.Sigma.tolist(),
+                "h2_effective": sim.h2_effective.tolist(),
+            },
         }
     if (args.kinship is None) == (args.genotypes is None):
         raise DataError("give exactly one of --kinship and --genotypes")
@@ -153,6 +159,18 @@ def _inputs(args) -> dict:
     return {"source": args.pheno, "traits": traits, "Y": Y, "M": M, "F": F, "covariates": cov_names, "scan": scan}
 
 
+def _heritability_lines(traits, h2, se, lower, upper, level: float = 0.95) -> list[str]:
+    """The printed heritabilities: ĥ² ± its Wald SE, and the logit-scale interval
+    (:func:`kronlik.heritability_interval`)."""
+    lines = [
+        "heritability h² = m̄ K_dd / (m̄ K_dd + Σ_dd) ± SE (delta method, expected information), "
+        f"{100 * level:g}% interval (delta method on the logit scale):"
+    ]
+    for t, h, s, lo, hi in zip(traits, h2, se, lower, upper):
+        lines.append(f"  {t:<16}{float(h):.4f} ± {float(s):.4f}   [{float(lo):.4f}, {float(hi):.4f}]")
+    return lines
+
+
 def _table(names, values, ses) -> str:
     width = max(len(n) for n in names) + 2
     lines = ["".ljust(width) + "".join(n.rjust(20) for n in names)]
@@ -189,13 +207,13 @@ def run(args: argparse.Namespace) -> int:
     )
     fit = kronlik.fit_mixed(Y, M, F, method=args.method, progress=True)
     h2, h2_se = kronlik.heritability(fit)
+    h2_lower, h2_upper = kronlik.heritability_interval(fit, 0.95)
     rg, rg_se = kronlik.genetic_correlation(fit)
     re, re_se = kronlik.environmental_correlation(fit)
     lines = [
         f"{args.method.upper()} log-likelihood {float(fit.loglik):.6f}   converged {bool(fit.converged)}"
         + ("" if bool(fit.converged) else f" (stalled {bool(fit.stalled)})"),
-        "heritability h² = m̄ K_dd / (m̄ K_dd + Σ_dd) ± SE (delta method, expected information):",
-        *(f"  {t:<16}{float(h):.4f} ± {float(s):.4f}" for t, h, s in zip(traits, h2, h2_se)),
+        *_heritability_lines(traits, h2, h2_se, h2_lower, h2_upper, 0.95),
         "genetic correlations ± SE:",
         _table(traits, np.asarray(rg), np.asarray(rg_se)),
         "environmental correlations ± SE:",
@@ -214,6 +232,12 @@ def run(args: argparse.Namespace) -> int:
         "B_se": np.sqrt(np.diagonal(np.asarray(fit.B_cov))).reshape(np.shape(fit.B)).tolist(),
         "heritability": np.asarray(h2).tolist(),
         "heritability_se": np.asarray(h2_se).tolist(),
+        "heritability_interval": {
+            "level": 0.95,
+            "method": "delta method on the logit scale (kronlik.heritability_interval)",
+            "lower": np.asarray(h2_lower).tolist(),
+            "upper": np.asarray(h2_upper).tolist(),
+        },
         "genetic_correlation": np.asarray(rg).tolist(),
         "genetic_correlation_se": np.asarray(rg_se).tolist(),
         "environmental_correlation": np.asarray(re).tolist(),

@@ -202,8 +202,10 @@ def validate(
 
     if not flags.m_psd:
         lam = np.asarray(f.basis.lam)
-        low, scale = float(f.basis.lam_min), float(np.max(np.abs(lam))) if lam.size else 0.0
-        allowed = psd_tolerance(T, dtype) * max(scale, abs(low))
+        # (lam is clipped at 0: for a negative definite M its largest magnitude is |λ_min|)
+        low = float(f.basis.lam_min)
+        scale = max(float(np.max(np.abs(lam))) if lam.size else 0.0, abs(low))
+        allowed = psd_tolerance(T, dtype) * scale
         if isinstance(form, Dense):
             name, what = "M", "is not positive semi-definite: smallest eigenvalue"
         else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
@@ -94,6 +94,26 @@ def _decimal_year(stamp: datetime) -> float:
     return stamp.year + (stamp - start) / (end - start)
 
 
+def from_decimal_year(y: float, whole_days: bool = False) -> str:
+    """The ISO date-time of a decimal year (:func:`parse_times`' inverse), to the nearest second.
+
+    With ``whole_days``, to the nearest day, as a date ('2010-04-01'): the resolution of input
+    dates without a time of day. Rounding, not truncation: a date a step of decimal years after
+    another lands a hair before midnight, which truncation printed as 23:59:59 the day before.
+    """
+    year = int(np.floor(y))
+    start, end = datetime(year, 1, 1), datetime(year + 1, 1, 1)
+    stamp = start + timedelta(seconds=round((y - year) * (end - start).total_seconds()))
+    if whole_days:
+        return (stamp + timedelta(hours=12)).date().isoformat()
+    return stamp.isoformat(timespec="seconds")
+
+
+def whole_days(t: np.ndarray) -> bool:
+    """Whether every decimal year in ``t`` is a midnight (dates given without a time of day)."""
+    return all(from_decimal_year(float(y)).endswith("T00:00:00") for y in np.asarray(t).ravel())
+
+
 def parse_times(cells: list[str], where: str) -> tuple[np.ndarray, bool]:
     """(times as float64, whether they were dates) from a time column's cells.
 
@@ -136,6 +156,8 @@ class SimulatedTraits(NamedTuple):
     B: np.ndarray  # (2, D) true covariate effects
     causal: np.ndarray  # indices of the scan variants with an effect
     effects: np.ndarray  # (len(causal), D) their effects
+    # (D,) the heritability a kinship model sees: m̄ K_dd / (m̄ K_dd + Σ_dd + Σ_k effects_kd²)
+    h2_effective: np.ndarray
 
 
 def _standardise(G: np.ndarray) -> np.ndarray:
@@ -149,11 +171,18 @@ def simulate_traits(
     """Simulate Y ~ N(F B, M ⊗ K + I ⊗ Σ) with a kinship from genotypes, as a geneticist would test.
 
     Genotypes are Binomial(2, p) with allele frequencies p ~ U(0.05, 0.5) (independent SNPs);
-    M = Z Zᵀ/m with Z the standardised genotypes of ``n_snps`` SNPs. Every trait has heritability
-    ``h2`` (m̄ K_dd / (m̄ K_dd + Σ_dd) = h2 with m̄ = mean diag M), genetic correlations
-    0.5, -0.3, 0.2, ... and environmental correlations 0.3, 0.1, ... between consecutive traits
-    (positive definite by construction), covariates F = [1, x] with x ~ N(0, 1), and three variants
-    of a further ``n_scan`` (the scan set) with small effects on the traits.
+    M = Z Zᵀ/m with Z the standardised genotypes of ``n_snps`` SNPs. K and Σ split each trait's
+    polygenic + environmental variance as ``h2`` : 1 - h2 (m̄ K_dd / (m̄ K_dd + Σ_dd) = h2 with
+    m̄ = mean diag M), with genetic correlations 0.5, -0.3, 0.2, ... and environmental
+    correlations 0.3, 0.1, ... between consecutive traits (positive definite by construction),
+    covariates F = [1, x] with x ~ N(0, 1), and three variants of a further ``n_scan`` (the scan
+    set) with effects β_kd ~ 0.25 N(0, 1) · sqrt(m̄ K_dd + Σ_dd) on the traits.
+
+    The causal variants are not in the kinship, so a model with M as the kinship counts their
+    variance Σ_k β_kd² (each standardised variant has variance 1) as residual: the heritability
+    it estimates is ``h2_effective`` = m̄ K_dd / (m̄ K_dd + Σ_dd + Σ_k β_kd²), about
+    h2 / 1.19 on average (0.6 → about 0.5), not ``h2``. Compare a fitted ĥ² with
+    ``h2_effective``.
     """
     rng = np.random.default_rng(seed)
 
@@ -187,4 +216,6 @@ def simulate_traits(
     causal = np.sort(rng.choice(n_scan, size=min(3, n_scan), replace=False))
     effects = 0.25 * rng.normal(size=(causal.size, D)) * np.sqrt(total)[None, :]
     Y = F @ B + genetic + noise + _standardise(scan[:, causal]) @ effects
-    return SimulatedTraits(Y, M, F, scan, K, Sigma, B, causal, effects)
+    polygenic = m_bar * np.diag(K)
+    h2_effective = polygenic / (polygenic + np.diag(Sigma) + np.sum(effects * effects, axis=0))
+    return SimulatedTraits(Y, M, F, scan, K, Sigma, B, causal, effects, h2_effective)

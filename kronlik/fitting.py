@@ -74,7 +74,7 @@ def _minimise(
     num_steps: int,
     tol: float,
     rtol: float,
-    progress: bool,
+    progress: bool | Callable[[float, float], str],
     chunk_size: int,
     sign: float,
     progress_every: float = 5.0,
@@ -86,7 +86,8 @@ def _minimise(
     control returns to Python, which prints progress if asked: the steps themselves
     run in one compiled ``lax.while_loop`` per chunk, sized from the measured time per
     step so that a line appears about every ``progress_every`` seconds (the step bound is
-    an argument of the compiled loop: resizing does not recompile).
+    an argument of the compiled loop: resizing does not recompile). A callable ``progress``
+    formats each line's (recorded value, max-abs gradient) itself.
     """
     opt = optax.with_extra_args_support(optimizer)
     leaves = jax.tree_util.tree_leaves(params)
@@ -144,9 +145,10 @@ def _minimise(
         if progress:
             per_step = (time.perf_counter() - tick) / max(taken, 1)
             size = int(min(chunk_size, max(1, progress_every / max(per_step, 1e-9))))
+            value, gnorm = float(carry[4]), float(carry[5])
+            text = progress(value, gnorm) if callable(progress) else f"objective {value: .8g}   max|grad| {gnorm:.3e}"
             print(
-                f"  step {int(carry[2]):6d}   objective {float(carry[4]): .8g}   max|grad| {float(carry[5]):.3e}"
-                f"   {time.perf_counter() - start:7.1f} s",
+                f"  step {int(carry[2]):6d}   {text}   {time.perf_counter() - start:7.1f} s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -298,7 +300,7 @@ def fit_log_var(
     num_steps: int = 500,
     tol: float | None = None,
     rtol: float | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[float, float], str] = False,
     chunk_size: int = 25,
     eigh_dtype: str | None = None,
     information: str | None = "observed",
@@ -327,7 +329,8 @@ def fit_log_var(
         default sqrt(eps) of the dtype.
       rtol: or stop when |ΔL| ≤ rtol·|L| between steps; default 4·eps of the dtype
         (only a fit stalled at rounding level triggers it).
-      progress: print step, L and gradient norm to stderr between chunks.
+      progress: print step, L and gradient norm to stderr between chunks; or a function
+        (L, max|∂L/∂s|) ↦ the text to print for them (e.g. L in other units).
       chunk_size: steps per compiled chunk (how often progress is printed).
       eigh_dtype: the dtype of M's one eigendecomposition (``"float64"`` with float32 inputs:
         mixed precision, see :func:`kronlik.loglik`).
@@ -414,7 +417,7 @@ def fit(
     num_steps: int = 1000,
     tol: float = 1e-6,
     rtol: float | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[float, float], str] = False,
     chunk_size: int = 50,
     log_scale_keys: tuple[str, ...] = (),
     cov_fn: Callable[[Any], tuple] | None = None,
@@ -437,7 +440,8 @@ def fit(
       num_steps: the most steps to take.
       tol: stop when the max-abs gradient entry is ≤ tol.
       rtol: or when the loss changes by ≤ rtol·|loss| in a step; default 4·eps.
-      progress: print progress to stderr between chunks of ``chunk_size`` steps.
+      progress: print progress to stderr between chunks of ``chunk_size`` steps; or a function
+        (loss, max-abs gradient) ↦ the text to print for them (e.g. a log-likelihood in other units).
       log_scale_keys: for a dict ``params``, the keys holding log-variances (or other log
         scales whose gradient vanishes as they go to -inf). When the fit stops, each is tried
         1, 2, 4, ..., 32 higher and the fit restarts from a better point if there is one: a

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -107,6 +108,10 @@ class Kernel:
 
     def components(self) -> list[Component]:
         return [c for term in self.terms for c in term]
+
+    def fixed_periods(self) -> list[float]:
+        """The fixed periods of the expression (``periodic(p)``), in reading order."""
+        return [c.period for c in self.components() if c.period is not None]
 
     def num_free_periods(self) -> int:
         return sum(c.name == "periodic" and c.period is None for c in self.components())
@@ -194,6 +199,11 @@ def parse(spec: str) -> Kernel:
                     period = math.nan
                 if not (math.isfinite(period) and period > 0):
                     raise ValueError(f"kernel {spec!r}: the period must be a positive number; got {m.group(2)!r}")
+                if period < sys.float_info.min:  # subnormal: 1/p overflows, π|x|/p is inf and k NaN
+                    raise ValueError(
+                        f"kernel {spec!r}: {factor.strip()!r}: the period {period:g} is too small to compute with "
+                        f"(below {sys.float_info.min:g}, the smallest normal float64)"
+                    )
             comps.append(Component(name, period))
         terms.append(tuple(comps))
     return Kernel(tuple(terms), spec.strip())

@@ -256,7 +256,7 @@ def loglik(
       eigh_dtype: the dtype in which M is eigendecomposed (None: the inputs' dtype). With float32
         inputs, ``"float64"`` (needs ``jax_enable_x64``) is kronlik's mixed-precision mode: the one
         step whose float32 error is amplified by K/noise in M's small eigenvalues runs in float64,
-        the rest in float32 (see README, "Accuracy").
+        the rest in float32 (see docs/accuracy.md).
 
     Returns:
       A scalar of the inputs' dtype; NaN (never a finite number, never -inf) if an input is not

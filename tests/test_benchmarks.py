@@ -4,6 +4,10 @@ import json
 import runpy
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs every benchmark script end to end: the second tier
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -17,6 +17,7 @@ def test_builtin_dataset_is_real_and_small():
     assert np.all(np.isfinite(Y))
 
 
+@pytest.mark.slow
 def test_fit_builtin_writes_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "fit.json", tmp_path / "fit.png"
     assert main(["fit", "--float64", "--out", str(out), "--plot", str(png)]) == 0
@@ -62,6 +63,7 @@ def test_bad_npz_exits_2(tmp_path, capsys):
     assert "M is not positive semi-definite" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fit_csv_with_a_noise_free_column_lands_at_the_dense_mle(tmp_path):
     # Output "smooth" is a noise-free draw of the CLI's own model (RBF + 1e-6 nugget): its noise
     # variance goes to the plateau at log_var -> -inf. The float64 fit must report the true L there

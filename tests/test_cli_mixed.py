@@ -13,6 +13,7 @@ from kronlik.__main__ import main
 from kronlik.datasets import simulate_traits
 
 
+@pytest.mark.slow
 def test_default_runs_on_the_simulation(tmp_path, capsys):
     out = tmp_path / "result.json"
     assert main(["mixed", "--out", str(out), "--top", "3"]) == 0
@@ -40,6 +41,7 @@ def files(tmp_path_factory):
     return d, sim
 
 
+@pytest.mark.slow
 def test_user_files_and_scan_table(files, capsys):
     d, sim = files
     args = ["mixed", "--pheno", str(d / "pheno.csv"), "--kinship", str(d / "kin.npy"), "--covariates"]

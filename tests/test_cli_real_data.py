@@ -52,6 +52,7 @@ def _fit(tmp_path, capsys, *extra, data=None):
     return code, (json.loads(out.read_text()) if code == 0 else None), captured
 
 
+@pytest.mark.slow
 def test_missing_cells_and_a_kernel_sum_fit_and_rebuild_from_the_json(tmp_path, capsys):
     # Defect: "missing, NaN or infinite cells" aborted the fit; fit.json could not rebuild the model.
     t, Y = _series(missing=0.15)
@@ -68,6 +69,7 @@ def test_missing_cells_and_a_kernel_sum_fit_and_rebuild_from_the_json(tmp_path, 
     assert abs(printed - fitted["loglik"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_float32_fit_reports_the_float64_likelihood_at_its_point(tmp_path, capsys):
     # Defect: float32 printed L = -498.292632 to six decimals where the float64 L at those
     # parameters was -498.299197.
@@ -82,6 +84,7 @@ def test_float32_fit_reports_the_float64_likelihood_at_its_point(tmp_path, capsy
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_dates_unsorted_rows_bom_and_forecast(tmp_path, capsys):
     # Defects: dates refused ("'2012-01-01' is not a number"), a UTF-8 BOM broke the header,
     # unsorted time drew a scribble, and there was no prediction at new times.
@@ -176,6 +179,7 @@ def test_overflowing_column_is_refused(tmp_path, capsys):
     assert not (tmp_path / "fit.json").exists()
 
 
+@pytest.mark.slow
 def test_npz_noise_is_fitted_in_the_data_units(tmp_path, capsys):
     # Defect: the .npz path standardised Y but kept the user's K: noise variances 2.6e-4 and
     # 4.0e-4 came out where the truth was (25, 4).
@@ -197,6 +201,7 @@ def test_npz_noise_is_fitted_in_the_data_units(tmp_path, capsys):
     assert abs(fitted["loglik"] - want) < 1e-8 * abs(want)
 
 
+@pytest.mark.slow
 def test_converged_only_when_the_gradient_test_holds(tmp_path, capsys):
     # Defect: "converged: True" when the gradient was above --tol (the stall test had fired).
     t, Y = _series(seed=7)
@@ -215,6 +220,7 @@ def test_converged_only_when_the_gradient_test_holds(tmp_path, capsys):
     assert bool(done.converged) and not bool(done.stalled)
 
 
+@pytest.mark.slow
 def test_progress_lines_carry_elapsed_time(tmp_path, capsys):
     t, Y = _series(seed=8)
     code, _, captured = _fit(tmp_path, capsys, data=_write(tmp_path / "d.csv", t, Y))
@@ -222,6 +228,7 @@ def test_progress_lines_carry_elapsed_time(tmp_path, capsys):
     assert re.search(r"step +\d+ +objective .* max\|grad\| \S+ +\d+\.\d s", captured.err)
 
 
+@pytest.mark.slow
 def test_plot_has_both_bands_a_legend_an_x_label_and_the_future(tmp_path, capsys, monkeypatch):
     # Defect: one (latent) band that most points fell outside, no x label, no legend entry.
     figures, write = {}, _fit_command._write_all
@@ -255,6 +262,7 @@ def test_size_limits_choose_low_rank_or_refuse(monkeypatch):
         _fit_command.choose_path(args, 20_000, 3, 6_000, False)
 
 
+@pytest.mark.slow
 def test_low_rank_fit_rebuilds_from_the_json(tmp_path, capsys):
     t, Y = _series(T=60, seed=10, missing=0.05)
     csv = _write(tmp_path / "d.csv", t, Y)

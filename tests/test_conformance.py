@@ -39,6 +39,10 @@ NOISE = {
     "log_var": lambda rng: jnp.asarray(rng.uniform(-1.0, 1.0, D)),
 }
 TOL = {"float64": 1e-10, "float32": 2e-4}
+# float64 everywhere in the fast tier; float32 there for value + every gradient and the helpers,
+# in the second tier (pytest -m slow) for the other entry points.
+DTYPES = ["float64", "float32"]
+DTYPES_FAST64 = ["float64", pytest.param("float32", marks=pytest.mark.slow)]
 TOL2 = {"float64": 1e-9, "float32": 2e-3}
 
 
@@ -85,7 +89,7 @@ def _assert_close(got, want, tol, what):
         assert err < tol, f"{what}: relative error {err:.2e} >= {tol:.0e}"
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("noise_name", list(NOISE))
 @pytest.mark.parametrize("form_name", list(FORMS))
 def test_value_and_every_gradient(form_name, noise_name, dtype):
@@ -99,7 +103,7 @@ def test_value_and_every_gradient(form_name, noise_name, dtype):
         _assert_close(g, r, TOL[dtype], f"{form_name}/{noise_name}/{dtype} ∂L/∂{name}")
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("noise_name", list(NOISE))
 @pytest.mark.parametrize("form_name", list(FORMS))
 def test_gradient_helpers(form_name, noise_name, dtype):
@@ -115,7 +119,7 @@ def test_gradient_helpers(form_name, noise_name, dtype):
         _assert_close(kronlik.grad_log_var(*low), ref_noise_grad, TOL[dtype], "grad_log_var")
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("dtype", DTYPES_FAST64)
 @pytest.mark.parametrize("noise_name", list(NOISE))
 @pytest.mark.parametrize("form_name", list(FORMS))
 def test_solve_and_predict(form_name, noise_name, dtype):
@@ -159,7 +163,7 @@ def test_vmap_over_a_batch_of_everything(form_name):
         _assert_close(jax.tree_util.tree_map(lambda g, b=b: g[b], grads), ref_grads, 1e-10, "vmap")
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("dtype", DTYPES_FAST64)
 @pytest.mark.parametrize("noise_name", list(NOISE))
 @pytest.mark.parametrize("form_name", list(FORMS))
 def test_fisher_information_in_every_array(form_name, noise_name, dtype):
@@ -177,7 +181,7 @@ def test_fisher_information_in_every_array(form_name, noise_name, dtype):
     _assert_close(got, want, TOL[dtype], f"{form_name}/{noise_name}/{dtype} Fisher")
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("dtype", DTYPES_FAST64)
 @pytest.mark.parametrize("form_name", list(FORMS))
 def test_log_var_information(form_name, dtype):
     # fisher_log_var and hessian_log_var (closed forms) against the dense Fisher and jax.hessian
@@ -190,7 +194,7 @@ def test_log_var_information(form_name, dtype):
     _assert_close(jax.jit(kronlik.hessian_log_var)(*low), hessian, TOL[dtype], "hessian_log_var")
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("dtype", DTYPES_FAST64)
 @pytest.mark.parametrize("noise_name", list(NOISE))
 @pytest.mark.parametrize("form_name", list(FORMS))
 def test_second_order_in_every_array(form_name, noise_name, dtype):
@@ -204,17 +208,26 @@ def test_second_order_in_every_array(form_name, noise_name, dtype):
     hess = jax.jit(jax.hessian(fn, argnums=(0, 1, 2, 3)))(*low)
     assert all(h.dtype == dtype for h in jax.tree_util.tree_leaves(hess))
     _assert_close(hess, jax.hessian(ref, argnums=(0, 1, 2, 3))(*args), TOL2[dtype], f"{what} hessian")
-    if dtype == "float64":  # reverse over reverse (the same rules transposed; float32 adds nothing)
-        rev_rev = jax.jit(jax.jacrev(jax.grad(fn, argnums=(2, 3)), argnums=(1, 2, 3)))(*low)
-        want = jax.jacrev(jax.grad(ref, argnums=(2, 3)), argnums=(1, 2, 3))(*args)
-        _assert_close(rev_rev, want, TOL2[dtype], what)
     tangents = _random_like(args, 8)
     value, tangent = jax.jit(lambda a, t: jax.jvp(fn, a, t))(low, _cast(tangents, dtype))
     ref_value, ref_tangent = jax.jvp(ref, args, tangents)
     _assert_close((value, tangent), (ref_value, ref_tangent), TOL[dtype], f"{what} jvp")
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.slow
+@pytest.mark.parametrize("noise_name", list(NOISE))
+@pytest.mark.parametrize("form_name", list(FORMS))
+def test_reverse_over_reverse_in_every_array(form_name, noise_name):
+    # the same rules transposed (float64 only: float32 adds nothing); second tier
+    args = _problem(form_name, noise_name, seed=7)
+    fn = kronlik.loglik if noise_name == "Sigma" else kronlik.loglik_diag
+    ref = _reference_loglik(noise_name)
+    rev_rev = jax.jit(jax.jacrev(jax.grad(fn, argnums=(2, 3)), argnums=(1, 2, 3)))(*args)
+    want = jax.jacrev(jax.grad(ref, argnums=(2, 3)), argnums=(1, 2, 3))(*args)
+    _assert_close(rev_rev, want, TOL2["float64"], f"{form_name}/{noise_name} reverse over reverse")
+
+
+@pytest.mark.parametrize("dtype", DTYPES_FAST64)
 @pytest.mark.parametrize("noise_name", list(NOISE))
 @pytest.mark.parametrize("form_name", list(FORMS))
 def test_derivatives_of_the_helpers(form_name, noise_name, dtype):
@@ -259,7 +272,7 @@ def test_derivatives_of_the_helpers(form_name, noise_name, dtype):
 MASK = np.array([[1, 0, 1], [0, 0, 0], [1, 0, 1], [1, 1, 0], [0, 0, 1], [1, 0, 1]], bool)
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("dtype", DTYPES_FAST64)
 @pytest.mark.parametrize("noise_name", list(NOISE))
 @pytest.mark.parametrize("form_name", list(FORMS))
 def test_missing_entries_in_every_entry_point(form_name, noise_name, dtype):
@@ -295,7 +308,12 @@ def test_missing_entries_in_every_entry_point(form_name, noise_name, dtype):
 # Mixed models (kronlik.mixed): every form × every method, full Σ (the environmental covariance
 # of statistical genetics is full), covariates with a trait design A ≠ I of fewer columns than D.
 # float32 once (REML, which has every term); the three methods in float64.
-METHOD_DTYPES = [("ml", "float64"), ("reml", "float64"), ("reml-lamotte", "float64"), ("reml", "float32")]
+METHOD_DTYPES = [
+    ("ml", "float64"),
+    ("reml", "float64"),
+    pytest.param("reml-lamotte", "float64", marks=pytest.mark.slow),
+    pytest.param("reml", "float32", marks=pytest.mark.slow),
+]
 
 
 def _covariates(seed):

@@ -60,6 +60,7 @@ def test_degenerate_spectra_finite_and_correct(case):
         assert max_rel(kronlik.grad_log_var(Y, M, K, log_var), expected) < 1e-10
 
 
+@pytest.mark.slow
 def test_float32_degenerate_is_finite():
     case = _degenerate_cases(np.random.default_rng(0))["M=I, K=cI, Sigma=cI"]
     Y, M, K, Sigma = (jnp.asarray(a, jnp.float32) for a in case)

@@ -58,6 +58,7 @@ def test_fit_step_costs_no_t_by_t_work(rng):
     assert any(e.primitive.name == "eigh" and e.outvars[0].aval.shape == (T, T) for e in eqns(full.jaxpr))
 
 
+@pytest.mark.slow
 def test_fit_log_var_recovers_the_truth(rng):
     T, D = 300, 3
     A = rng.standard_normal((D, D))
@@ -76,6 +77,7 @@ def test_fit_log_var_recovers_the_truth(rng):
     np.testing.assert_allclose(result.value, kronlik.loglik_diag(Y, M, K, result.params), rtol=1e-13)
 
 
+@pytest.mark.slow
 def test_fit_log_var_agrees_with_a_dense_autodiff_fit(rng):
     Y, M, K, _ = random_problem(rng, 10, 3)
     ours = kronlik.fit_log_var(Y, kronlik.factorize(M), K, jnp.zeros(3), tol=1e-10)
@@ -94,6 +96,7 @@ def test_fit_log_var_agrees_with_a_dense_autodiff_fit(rng):
     np.testing.assert_allclose(adam.params, ours.params, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_fit_log_var_progress_and_bad_input(rng, capsys):
     Y, M, K, _ = random_problem(rng, 6, 2)
     kronlik.fit_log_var(Y, M, K, jnp.zeros(2), progress=True, chunk_size=2)
@@ -107,6 +110,7 @@ def test_fit_log_var_progress_and_bad_input(rng, capsys):
         kronlik.fit_log_var(Y, M, K, jnp.zeros(3))
 
 
+@pytest.mark.slow
 def test_float32_fit(rng):
     T, D = 200, 2
     K = np.array([[1.0, 0.3], [0.3, 0.5]])
@@ -119,6 +123,7 @@ def test_float32_fit(rng):
     np.testing.assert_allclose(r32.params, r64.params, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_joint_fit_through_the_hand_derived_backward(rng):
     # M(θ) an RBF kernel, K = LLᵀ + diag, Σ = diag(eˢ), all fitted together by jax.grad
     # through kronlik.loglik_diag: no eigh derivative anywhere.
@@ -182,6 +187,7 @@ def _noise_free_problem():
     return jnp.asarray(Y), jnp.asarray(M), jnp.asarray(K)
 
 
+@pytest.mark.slow
 def test_fit_log_var_with_a_noise_free_output_lands_at_the_dense_mle():
     Y, M, K = _noise_free_problem()
     ours = kronlik.fit_log_var(Y, M, K, jnp.zeros(2))
@@ -201,6 +207,7 @@ def test_fit_log_var_with_a_noise_free_output_lands_at_the_dense_mle():
     assert -25.0 < float(ours.params[1]) < -10.0
 
 
+@pytest.mark.slow
 def test_plateau_escape_is_what_finds_it():
     # Without the escape (a loss the fit does not know to be log-scale) the same L-BFGS run stops
     # on the plateau, 0.06 below the maximum: the escape is doing the work.
@@ -210,6 +217,7 @@ def test_plateau_escape_is_what_finds_it():
     assert float(-stuck.value) < float(best.value) - 0.01
 
 
+@pytest.mark.slow
 def test_fit_log_var_standard_errors_observed_and_expected(rng):
     K = np.eye(3) + 0.3
     truth = np.log([0.2, 0.5, 1.0])
@@ -230,6 +238,7 @@ def test_fit_log_var_standard_errors_observed_and_expected(rng):
         kronlik.fit_log_var(Y, M, K, jnp.zeros(3), information="fisher")
 
 
+@pytest.mark.slow
 def test_fit_with_cov_fn_gives_fisher_standard_errors(rng):
     K = np.eye(2) + 0.5
     Y, _ = _simulate(rng, 30, K, np.log([0.3, 0.6]), ell=0.2)
@@ -250,6 +259,7 @@ def test_fit_with_cov_fn_gives_fisher_standard_errors(rng):
     np.testing.assert_allclose(result.std_errors["log_var"], se[1:], rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_newton_and_fisher_scoring_reach_the_lbfgs_optimum(rng):
     K = np.eye(3) + 0.3
     Y, M = _simulate(rng, 40, K, np.log([0.2, 0.5, 1.0]))

@@ -10,6 +10,7 @@ from kronlik import gradcheck
 from kronlik.__main__ import main
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_demo_problems_pass(dtype):
     for name, problem in gradcheck.demo_problems(dtype).items():
@@ -29,6 +30,7 @@ def test_demo_problems_pass(dtype):
             assert report.max_error("log_var", "Hessian fin. diff.") < 1e3 * limit
 
 
+@pytest.mark.slow
 def test_a_wrong_second_derivative_is_caught(monkeypatch):
     def off_by_one_percent(Y, M, K, log_var):
         return 1.01 * kronlik.hessian_log_var(Y, M, K, log_var)
@@ -46,6 +48,7 @@ def _loglik_with_wrong_k_gradient(Y, M, K, Sigma):
     return kronlik.loglik(Y, M, K, Sigma) + 0.01 * (only_k - sg(only_k))
 
 
+@pytest.mark.slow
 def test_a_wrong_gradient_is_caught(monkeypatch):
     monkeypatch.setattr(gradcheck, "loglik", _loglik_with_wrong_k_gradient)
     report = kronlik.check_gradients(*gradcheck.demo_problems()["smooth"])
@@ -64,6 +67,7 @@ def test_check_gradients_validates_input():
         kronlik.check_gradients(Y, M, K, -Sigma)
 
 
+@pytest.mark.slow
 def test_cli_in_process(capsys):
     assert main(["check", "--dtype", "float64"]) == 0
     out = capsys.readouterr().out

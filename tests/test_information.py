@@ -79,6 +79,7 @@ def test_graded_noise_against_exact_arithmetic(s):
     np.testing.assert_allclose(np.asarray(fisher), exact_fisher, rtol=1e-13, atol=0)
 
 
+@pytest.mark.slow
 def test_fisher_is_the_expected_outer_product_of_scores_and_minus_the_expected_hessian():
     # Monte Carlo over N draws of Y: the mean of score scoreᵀ and of -H has standard error
     # ≈ sd / sqrt(N); 6 standard errors (computed from the draws themselves) bound both.
@@ -113,6 +114,7 @@ def test_nan_for_invalid_input_and_shape_errors():
         kronlik.fisher_log_var(M, K, s.astype(jnp.float32))
 
 
+@pytest.mark.slow
 def test_float32_and_vmap():
     rng = np.random.default_rng(3)
     Y, M, K, _ = random_problem(rng, T, D)
@@ -143,6 +145,7 @@ def test_only_the_parameters_that_move_m_pay_for_a_rotation():
     assert max_rel(fixed, merged) < 1e-14
 
 
+@pytest.mark.slow
 def test_inverse_fisher_is_the_spread_of_maximum_likelihood_estimates():
     # N simulated data sets from known s; the MLE of each by Newton steps with the closed-form
     # Hessian (vmapped, from the truth). Its sample covariance estimates F⁻¹ (asymptotically

@@ -17,7 +17,20 @@ def _dense_via_g(Y, G, K, noise, diag):
     return reference.loglik(Y, G @ G.T, K, S)
 
 
-@pytest.mark.parametrize("T,D,r", [(8, 3, 2), (1, 2, 1), (6, 1, 3), (5, 4, 5), (4, 3, 7), (30, 2, 4)])
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "T,D,r",  # r < T and r > T in the fast tier, edge shapes in the second
+    [
+        (8, 3, 2),
+        pytest.param(1, 2, 1, marks=_SLOW),
+        pytest.param(6, 1, 3, marks=_SLOW),
+        pytest.param(5, 4, 5, marks=_SLOW),
+        (4, 3, 7),
+        pytest.param(30, 2, 4, marks=_SLOW),
+    ],
+)
 @pytest.mark.parametrize("diag", [False, True])
 def test_lowrank_matches_dense_and_full(rng, T, D, r, diag):
     Y, _, K, Sigma = random_problem(rng, T, D)
@@ -62,6 +75,7 @@ def test_lowrank_errors_and_nan(rng):
     assert np.isnan(value) and np.all(np.isnan(grads[1].factor))
 
 
+@pytest.mark.slow
 def test_lowrank_large_t_float32(rng):
     # O(T (r + D)) memory: T = 20 000 would need a 400M-entry M on the full path.
     T, D, r = 20_000, 3, 10

@@ -275,6 +275,7 @@ def test_max_missing_zero_means_nothing_may_be_missing():
     assert abs(float(fn(full)) - float(want)) < 1e-12 * abs(float(want)) and np.isnan(fn(mask))
 
 
+@pytest.mark.slow
 def test_fit_log_var_with_a_mask_reaches_the_dense_optimum():
     # The masked likelihood maximised over the log-variances: the dense gradient vanishes there,
     # and the observed information (central differences of the exact gradient) equals -jax.hessian

@@ -178,6 +178,7 @@ def simulated():
     return simulate_traits(T=300, D=3, n_snps=500, n_scan=20, seed=0)
 
 
+@pytest.mark.slow
 def test_fit_reaches_the_dense_optimum_and_ses_match_dense_fisher(simulated):
     sim = simulated
     fit = kronlik.fit_mixed(sim.Y, sim.kinship, sim.covariates)
@@ -236,6 +237,7 @@ def test_fit_reaches_the_dense_optimum_and_ses_match_dense_fisher(simulated):
     assert max_rel(fit.B.reshape(-1), b) < 1e-10 and max_rel(fit.B_cov, b_cov) < 1e-10
 
 
+@pytest.mark.slow
 def test_ml_and_lamotte_fits_are_stationary_and_consistent(simulated):
     sim = simulated
     fm = kronlik.factorize(jnp.asarray(sim.kinship))
@@ -258,6 +260,7 @@ def test_ml_and_lamotte_fits_are_stationary_and_consistent(simulated):
     assert float(jnp.trace(ml.Sigma)) < float(jnp.trace(reml.Sigma))
 
 
+@pytest.mark.slow
 def test_genetic_correlation_test(simulated):
     fit = kronlik.fit_mixed(simulated.Y, kronlik.factorize(jnp.asarray(simulated.kinship)), simulated.covariates)
     rg, _ = kronlik.genetic_correlation(fit)
@@ -289,6 +292,7 @@ def small():
     return sim, kronlik.fit_mixed(sim.Y, sim.kinship, sim.covariates)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("design", ["any", "common", "user"])
 def test_scan_matches_dense_per_variant_gls(small, design):
     sim, fit = small
@@ -304,6 +308,7 @@ def test_scan_matches_dense_per_variant_gls(small, design):
         assert max_rel(got.p_value, sf) < 1e-8
 
 
+@pytest.mark.slow
 def test_ml_unbounded_is_said(small):
     sim, _ = small
     centred = simulate_traits(T=40, D=3, n_snps=60, n_scan=1, seed=3).kinship  # M·1 = 0
@@ -316,6 +321,7 @@ def test_ml_unbounded_is_said(small):
     assert not ml_unbounded(make_problem(sim.Y, sim.kinship, sim.covariates, None))  # + 0.1 I
 
 
+@pytest.mark.slow
 def test_lrt_scan_equals_ml_refits(small):
     sim, fit = small
     got = kronlik.scan(fit, sim.genotypes[:, :2], test="lrt")
@@ -326,6 +332,7 @@ def test_lrt_scan_equals_ml_refits(small):
         assert max_rel(got.effect[k], alt.B[-1]) < 1e-4
 
 
+@pytest.mark.slow
 def test_scan_is_accurate_for_a_variant_close_to_a_covariate(small):
     # P annihilates the intercept, so g = 1 + n/10⁶ and g = n/10⁶ are the same test; forming
     # V = X̃ᵀX̃ - (QᵀX̃)ᵀ(QᵀX̃) lost (10⁶)²·eps ≈ 1e-4 of it (NaN at 10⁸), the projection does not.
@@ -337,6 +344,7 @@ def test_scan_is_accurate_for_a_variant_close_to_a_covariate(small):
         assert bool(jnp.all(jnp.isfinite(near))) and max_rel(near, apart) < 1e-5
 
 
+@pytest.mark.slow
 def test_genetic_correlation_test_with_two_traits(small):
     sim, _ = small
     fit = kronlik.fit_mixed(sim.Y[:, :2], sim.kinship, sim.covariates)
@@ -345,6 +353,7 @@ def test_genetic_correlation_test_with_two_traits(small):
     assert float(res.loglik_null) <= float(fit.loglik) + 1e-9
 
 
+@pytest.mark.slow
 def test_scan_rejects_bad_input(small):
     sim, fit = small
     with pytest.raises(ValueError, match="shape"):
@@ -398,6 +407,7 @@ def test_bad_input_raises_clearly():
     assert bool(jnp.isnan(kronlik.loglik_mixed(Y, M, K, -S, F)))
 
 
+@pytest.mark.slow
 def test_jit_and_vmap():
     Y, M, K, S, F, A = _generic()
     batch = jnp.stack([Y, 2 * Y, Y[::-1]])
@@ -409,6 +419,7 @@ def test_jit_and_vmap():
     assert max_rel(gk, want_gk) < 1e-10
 
 
+@pytest.mark.slow
 def test_float32_fit_agrees_with_float64(small):
     sim, fit64 = small
     fit32 = kronlik.fit_mixed(*(np.asarray(a, np.float32) for a in (sim.Y, sim.kinship, sim.covariates)))

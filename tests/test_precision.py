@@ -1,8 +1,9 @@
 """float32, mixed precision (eigh_dtype="float64") and what validate says about accuracy.
 
-The claims tested are the README's: on a realistic float32 GP problem the accuracy estimate of
-``kronlik.validate`` bounds the measured errors, and the mixed-precision mode is more accurate than
-plain float32. Truth: kronlik in float64 (itself checked against exact arithmetic in test_exact).
+The claims tested are those of docs/accuracy.md ("float32 and mixed precision"): on a realistic
+float32 GP problem the accuracy estimate of ``kronlik.validate`` bounds the measured errors, and
+the mixed-precision mode is more accurate than plain float32. Truth: kronlik in float64 (itself
+checked against exact arithmetic in test_exact).
 """
 
 import subprocess
@@ -30,6 +31,7 @@ def _gp_problem(T=256, D=4, seed=0):
     return F + 0.03 * rng.standard_normal((T, D)), M, K, np.full(D, np.log(1e-3))
 
 
+@pytest.mark.slow
 def test_validate_bounds_the_float32_errors_and_mixed_precision_improves_them():
     args64 = tuple(jnp.asarray(a) for a in _gp_problem())
     args32 = tuple(a.astype(jnp.float32) for a in args64)
@@ -51,6 +53,7 @@ def test_validate_bounds_the_float32_errors_and_mixed_precision_improves_them():
         assert errors["float64"][i] * 3 < errors[None][i], errors
 
 
+@pytest.mark.slow
 def test_validate_warns_when_float32_is_not_enough():
     args32 = tuple(jnp.asarray(a, jnp.float32) for a in _gp_problem())
     with pytest.warns(UserWarning, match="eigh_dtype='float64'"):
@@ -59,6 +62,7 @@ def test_validate_warns_when_float32_is_not_enough():
     assert report.error_bound < 1e-3
 
 
+@pytest.mark.slow
 def test_factorize_in_float64_gives_a_float32_factor():
     Y, M, K, s = (jnp.asarray(a, jnp.float32) for a in _gp_problem(T=64))
     fm = kronlik.factorize(M, eigh_dtype="float64")

@@ -65,7 +65,7 @@ def _fns(noise):
     return kronlik.loglik_diag, lambda Y, M, K, s: reference.loglik(Y, M, K, jnp.diag(jnp.exp(s)))
 
 
-@pytest.mark.parametrize("noise", ["Sigma", "log_var"])
+@pytest.mark.parametrize("noise", ["Sigma", pytest.param("log_var", marks=pytest.mark.slow)])  # log_var: conformance
 @pytest.mark.parametrize("case", list(CASES))
 def test_hessian_three_witnesses(case, noise):
     args = CASES[case] if noise == "Sigma" else _log_var_args(CASES[case])
@@ -90,6 +90,7 @@ def test_hessian_three_witnesses(case, noise):
     assert err < 1e-6, f"{case}: {err:.1e} against central differences"
 
 
+@pytest.mark.slow
 def test_jax_hessian_through_eigh_is_nan_where_kronlik_is_exact():
     # The claim the rules exist for: an eigh-based likelihood differentiated by JAX at M = I.
     Y, M, K, S = (jnp.asarray(a) for a in CASES["M = I, K = 2I, Σ = I/2"])
@@ -124,6 +125,7 @@ def test_graded_noise_hessian_against_exact_arithmetic(s):
     assert np.all(np.abs(hess - exact) <= 1e-11 * scale + cancellation)
 
 
+@pytest.mark.slow
 def test_forward_and_reverse_compositions_agree():
     rng = np.random.default_rng(4)
     args = random_problem(rng, 3, 2)  # small: four full Hessians
@@ -134,6 +136,7 @@ def test_forward_and_reverse_compositions_agree():
     assert max_rel(jax.jacfwd(f)(x), jax.grad(f)(x)) < 1e-13  # jacfwd = jacrev at first order
 
 
+@pytest.mark.slow
 def test_hessian_vector_products_vmap_jit_and_linearize():
     args = tuple(jnp.asarray(a) for a in CASES["gaps 1e-10"])
     f, x = _flat(kronlik.loglik, args)
@@ -156,6 +159,7 @@ def test_value_tangent_against_central_differences():
     assert abs(float(tangent) - float(fd)) < 1e-7 * float(jnp.linalg.norm(jax.grad(f)(x)) * jnp.linalg.norm(v))
 
 
+@pytest.mark.slow
 def test_third_order_in_m_k_or_noise_raises_and_in_y_alone_works():
     Y, M, K, S = (jnp.asarray(a) for a in CASES["random"])
     for argnums in (1, 2, 3):
@@ -169,6 +173,7 @@ def test_third_order_in_m_k_or_noise_raises_and_in_y_alone_works():
     assert max_rel(hess_y, -jnp.linalg.inv(reference.dense_covariance(M, K, S))) < 1e-12
 
 
+@pytest.mark.slow
 def test_nan_for_invalid_input_in_every_mode():
     # Forward and reverse: a rule's NaN mask must survive transposition (reverse over reverse,
     # reverse mode of the helpers), never become a finite zero.

@@ -17,7 +17,17 @@ from helpers import eqns, max_rel, random_problem
 import kronlik
 from kronlik import reference
 
-SHAPES = [(1, 1), (1, 4), (5, 1), (6, 3), (48, 3), (3, 36), (9, 7)]
+_SLOW = pytest.mark.slow
+# (1, 1) and (6, 3) in the fast tier; the other shapes in the second
+SHAPES = [
+    (1, 1),
+    pytest.param(1, 4, marks=_SLOW),
+    pytest.param(5, 1, marks=_SLOW),
+    (6, 3),
+    pytest.param(48, 3, marks=_SLOW),
+    pytest.param(3, 36, marks=_SLOW),
+    pytest.param(9, 7, marks=_SLOW),
+]
 ALL = (0, 1, 2, 3)
 
 
@@ -142,6 +152,7 @@ def test_jax_check_grads(rng, fn):
     jax.test_util.check_grads(getattr(kronlik, fn), (Y, M, K, noise), order=1, modes=("rev",))
 
 
+@pytest.mark.slow
 def test_float32_matches_float64_reference(rng):
     for T, D in [(6, 3), (20, 4), (4, 16)]:
         args64 = random_problem(rng, T, D)
@@ -159,6 +170,7 @@ def test_float32_matches_float64_reference(rng):
         assert g32.dtype == jnp.float32 and max_rel(g32, g64) < 1e-4
 
 
+@pytest.mark.slow
 def test_jit_vmap_and_value_and_grad(rng):
     B, T, D = 4, 6, 3
     _, M, K, Sigma = random_problem(rng, T, D)
