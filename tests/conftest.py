@@ -9,7 +9,9 @@ Most of the suite's time is XLA compilation of small programs, not running them,
 - XLA:CPU compiles without LLVM's expensive passes (``--xla_backend_optimization_level=0``,
   ``--xla_llvm_disable_expensive_passes``): the same IEEE arithmetic (XLA:CPU does no fast-math
   either way), 2-3x less compile time, and the large matrix kernels (LAPACK, Eigen) are
-  precompiled so their speed does not change.
+  precompiled so their speed does not change. ``KRONLIK_TEST_FULL_OPTIMIZATION=1`` keeps XLA's
+  default passes, as users compile (CI's float32 CLI leg and the documentation build, which runs
+  the examples and notebooks, are fresh processes with the default passes).
 - Compiled programs go to JAX's persistent cache (``.jax_cache/`` at the repository root, or
   ``KRONLIK_TEST_JAX_CACHE``), keyed by the program's HLO, JAX version and flags: a program that
   two tests, two xdist workers, a CLI test's fresh closures, or the fast and slow tiers all
@@ -26,7 +28,8 @@ import os
 from pathlib import Path
 
 _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+if not os.environ.get("KRONLIK_TEST_FULL_OPTIMIZATION"):  # set: XLA's default passes, as users compile
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 _CACHE = os.environ.setdefault(
     "KRONLIK_TEST_JAX_CACHE", str(Path(__file__).resolve().parent.parent / ".jax_cache")
 )
