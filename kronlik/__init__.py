@@ -2,7 +2,8 @@
 
 ``vec(Y) ~ N(0, U)``, ``U = M ⊗ K + I_T ⊗ Σ``, ``Y`` of shape (T, D), ``vec(Y) = Y.reshape(-1)``.
 The public functions are in :mod:`kronlik.structured`, the forms of M in :mod:`kronlik.forms`,
-kernels over time in :mod:`kronlik.kernels`, the one structured core in ``kronlik._core`` (with
+kernels over time in :mod:`kronlik.kernels` (state-space kernels for O(T) work in
+:mod:`kronlik.statespace`), the one structured core in ``kronlik._core`` (with
 the noise models in ``kronlik._noise`` and missing entries in ``kronlik._missing``), the dense and
 exact references in :mod:`kronlik.reference`, information matrices in :mod:`kronlik.information`,
 fitting in :mod:`kronlik.fitting` (the command line's model in ``kronlik._fit_model``), and
@@ -10,7 +11,7 @@ multi-trait mixed models (covariates, ML/REML, heritability, association scans) 
 :mod:`kronlik.mixed` and :mod:`kronlik.scan`.
 """
 
-from . import datasets, kernels, reference
+from . import datasets, kernels, reference, statespace
 from ._checks import default_floating_dtype
 from ._validate import Validation, validate
 from .fitting import FitResult, fit, fit_log_var
@@ -30,6 +31,7 @@ from .mixed import (
     loglik_mixed,
 )
 from .scan import ScanResult, scan
+from .statespace import StateSpace
 from .structured import (
     factorize,
     grad_log_var,
@@ -47,6 +49,7 @@ __all__ = [
     "Diagonal",
     "MixedFit",
     "ScanResult",
+    "StateSpace",
     "EighFactor",
     "FitResult",
     "GradientReport",
@@ -65,6 +68,7 @@ __all__ = [
     "information_mixed",
     "loglik_mixed",
     "scan",
+    "statespace",
     "factorize",
     "fit",
     "fisher_information",

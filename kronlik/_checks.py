@@ -56,7 +56,7 @@ def prepare(Y, M, K, noise, noise_model: type = FullNoise, y_name: str = "Y") ->
     names = (y_name, *m_arrays, "K", noise_model.name)
     Y, *rest = as_float_arrays(names, (Y, *m_arrays.values(), K, noise))
     *m_leaves, K, noise = rest
-    form = type(form)(*m_leaves)
+    form = form.rebuild(m_leaves) if hasattr(form, "rebuild") else type(form)(*m_leaves)
     if Y.ndim != 2:
         raise ValueError(f"{y_name} must be a 2-D array of shape (T, D); got shape {Y.shape}")
     T, D = Y.shape

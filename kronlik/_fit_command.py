@@ -30,6 +30,9 @@ NUGGET = 1e-6  # added to the kernel matrix (whose diagonal is at least 1): M st
 DEFAULT_PREDICTIONS = "predictions.csv"  # where --forecast/--predict-at write without --predictions
 # A period below this fraction of the time span leaves no digit of the phase π Δt / p (float64).
 MIN_PERIOD_PER_SPAN = 1e-12
+# Base kernels with an exact state-space form (kronlik.statespace): --method auto fits these by
+# Kalman recursions at any T, O(T) per step, the same model as the dense T×T path.
+STATE_SPACE_KERNELS = ("matern12", "matern32", "matern52")
 
 
 class Table(NamedTuple):
@@ -261,30 +264,64 @@ def _memory_available() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
+def state_space_kernel(spec: str | None) -> bool:
+    """Whether every base kernel of the --kernel expression has a state-space form (the Matérns)."""
+    from . import kernels
+
+    return all(c.name in STATE_SPACE_KERNELS for c in kernels.parse(spec or "rbf").components())
+
+
 def choose_path(args, T: int, D: int, n_missing: int, given_m: bool) -> tuple[str, int, str]:
-    """("dense" or "lowrank", rank, what to tell the user), or DataError with the options."""
+    """("statespace", "dense" or "lowrank", rank, what to tell the user), or DataError with the options.
+
+    A kernel of Matérns only (--kernel matern12/32/52, sums and products of them) takes the exact
+    state-space path at any T when the table is complete and --method is auto; missing cells, or
+    another kernel, keep the dense path up to DENSE_MAX_ROWS rows and the low-rank one above.
+    """
     method = args.method
+    state_space = not given_m and state_space_kernel(getattr(args, "kernel", None))
+    gaps = ""
     if given_m:
         if method == "lowrank":
             raise DataError("--method lowrank needs a kernel over time; an .npz gives M itself")
         method = "dense"
     elif method == "auto":
-        method = "dense" if T <= DENSE_MAX_ROWS else "lowrank"
-    rank = T if method == "dense" else min(args.rank or DEFAULT_RANK, T)
+        if state_space and not n_missing:
+            method = "statespace"
+        else:
+            method = "dense" if T <= DENSE_MAX_ROWS else "lowrank"
+            if state_space:
+                gaps = (
+                    f"; the exact state-space path needs a complete table ({n_missing} missing cells here: "
+                    "kronlik's StateSpace takes no mask yet)"
+                )
+    rank = T if method in ("dense", "statespace") else min(args.rank or DEFAULT_RANK, T)
     why = ""
+    if method == "statespace":
+        return (
+            method,
+            rank,
+            (
+                f"exact state-space (Kalman) likelihood, O(T): {T} steps of the kernel's linear SDE, no T×T matrix "
+                f"(the dense path's model, M = k(t, t) + {NUGGET:g} I; --method dense for the eigh engine)"
+            ),
+        )
     if method == "lowrank":
         why = (
             f"low-rank M: Nyström with {rank} inducing points evenly spaced in time"
             + (f" (T = {T} > {DENSE_MAX_ROWS} rows)" if args.method == "auto" else "")
             + "; --rank to change, --method dense for the exact T×T kernel"
+            + gaps
         )
     else:
+        why = gaps.lstrip("; ")
         need = 12.0 * T * T * 8  # M, its eigenvectors, ∂L/∂M and temporaries, float64
         avail = _memory_available()
         if need > 0.7 * avail:
             raise DataError(
                 f"T = {T} rows: the dense path needs about {need / 1e9:.1f} GB and {avail / 1e9:.1f} GB is available; "
                 f"use --method lowrank (--rank R, default {DEFAULT_RANK}) or fewer rows"
+                + ("; --method auto fits this kernel exactly in O(T) (state space)" if state_space and not gaps else "")
             )
     if n_missing:
         flops = n_missing * T * D * (rank + D) + n_missing**2 * T * D + n_missing**3
@@ -324,9 +361,15 @@ def run(args: argparse.Namespace) -> int:
     from ._fit_model import fit_table
 
     source = args.data or "built-in US macro data (statsmodels macrodata, public domain)"
-    dtype = "float64" if args.float64 else "float32"
+    dtype = "float64" if args.float64 or method == "statespace" else "float32"
+    notes = table.notes + ([why] if why else [])
+    if method == "statespace" and not args.float64:
+        notes.append(
+            "computed in float64 on this path: in float32 the differences of long time series lose digits "
+            "(relative error up to T·eps) and the recursion's running sums accumulate round-off"
+        )
     print(f"fitting {source}: T={T} rows, D={D} outputs, {n_missing} missing cells, {dtype}", file=sys.stderr)
-    for note in table.notes + ([why] if why else []):
+    for note in notes:
         print(f"  {note}", file=sys.stderr)
     try:
         report = fit_table(args, table, data, method, rank, new_t)
@@ -357,9 +400,7 @@ def _new_times(args, table: Table) -> np.ndarray | None:
     if args.forecast is not None:
         steps = np.diff(t)
         if not np.any(steps > 0):
-            raise DataError(
-                "--forecast needs at least two distinct times to set a spacing; give --predict-at instead"
-            )
+            raise DataError("--forecast needs at least two distinct times to set a spacing; give --predict-at instead")
         step = float(np.median(steps[steps > 0]))
         ahead = t[-1] + step * np.arange(1, args.forecast + 1)
         if table.dates and whole_days(t):  # dates without a time of day: forecast whole days too

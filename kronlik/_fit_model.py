@@ -1,11 +1,16 @@
-"""The model behind ``kronlik fit``: a kernel over time for M (dense or Nyström low rank), a free
-K = LLᵀ + diag(e^κ), Σ = diag(eˢ), fitted to the standardised table, reported in data units.
+"""The model behind ``kronlik fit``: a kernel over time for M (dense, Nyström low rank, or exact state
+space), a free K = LLᵀ + diag(e^κ), Σ = diag(eˢ), fitted to the standardised table, reported in data units.
 
 Model, in the data's units: vec(Y - 1 μᵀ) ~ N(0, M ⊗ K + I ⊗ diag(noise_variance)), μ the
 column means over the observed entries, M = k(t, t) + 1e-6 I with k the kernel expression
 (first term's amplitude 1: K carries the overall scale), or M = G Gᵀ with
-G = k(t, z) chol(k(z, z) + 1e-6 I)⁻ᵀ for inducing times z (low rank). Missing cells enter
-through ``mask=`` (the exact likelihood of the observed entries).
+G = k(t, z) chol(k(z, z) + 1e-6 I)⁻ᵀ for inducing times z (low rank). For a kernel of Matérns
+only, the state-space path fits the dense path's model exactly in O(T): M ⊗ K + I ⊗ Σ with
+M = k(t, t) + 1e-6 I is k(t, t) ⊗ K + I ⊗ (Σ + 1e-6 K), k(t, t) a kronlik.StateSpace (Kalman
+recursions). Missing cells enter through ``mask=`` (the exact likelihood of the observed entries).
+
+Predictions on the state-space path (:mod:`kronlik._smoother`) are a Kalman filter and smoother
+over the data and new times merged, O(T + N), with the same posterior mean and sd as the dense path.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import numpy as np
 import optax
 from jax.scipy.linalg import solve_triangular
 
-from . import fisher_information, fit, fit_log_var, kernels, loglik_diag, predict, validate
+from . import fisher_information, fit, fit_log_var, kernels, loglik, loglik_diag, predict, validate
+from . import statespace as ss
 from ._fit_command import NUGGET
 from .datasets import DataError, from_decimal_year, whole_days
 from .fitting import _std_errors, observed_information
@@ -69,13 +75,23 @@ def noise_table(names, var, var_se, k_diag, k_se) -> list[str]:
     return [head] + ["".join(row).rstrip() for row in cells]
 
 
+_STATE_SPACE = {"matern12": ss.Matern12, "matern32": ss.Matern32, "matern52": ss.Matern52}
+
+
 class KernelModel:
-    """M(θ) for the kernel expression over times x (offsets from the first time)."""
+    """M(θ) for the kernel expression over times x (offsets from the first time).
+
+    ``method`` "dense" (k(x, x) + 1e-6 I), "lowrank" (Nyström) or "statespace" (k(x, x) as a
+    :class:`kronlik.StateSpace`; the 1e-6 I nugget then enters the likelihood as 1e-6 K added to
+    Σ, :meth:`loglik`, so that the model is the dense one).
+    """
 
     def __init__(self, spec: str, x: np.ndarray, method: str, rank: int):
         self.kernel = kernels.parse(spec)
         self.x = jnp.asarray(x, F64)
         self.method = method
+        if method == "statespace" and any(c.name not in _STATE_SPACE for c in self.kernel.components()):
+            raise ValueError(f"kernel {spec!r}: the state-space path takes {', '.join(_STATE_SPACE)} only")
         self.z = jnp.linspace(float(x.min()), float(x.max()), rank, dtype=F64) if method == "lowrank" else None
         self.n_terms = len(self.kernel.terms)
 
@@ -108,10 +124,39 @@ class KernelModel:
         z = self._times()[1]
         return jnp.linalg.cholesky(self.kernel(kp, z) + NUGGET * jnp.eye(z.shape[0], dtype=F64))
 
+    def state_space(self, kp, dtype=F64):
+        """The kernel expression as a state-space kernel: each term's amplitude on its first factor."""
+        ell, amp = jnp.exp(kp["log_lengthscale"]), jnp.exp(kp["log_amplitude"])
+        total, c = None, 0
+        for t, term in enumerate(self.kernel.terms):
+            product = None
+            for comp in term:
+                a = amp[t] if product is None else jnp.ones((), F64)
+                k = _STATE_SPACE[comp.name](a.astype(dtype), ell[c].astype(dtype))
+                product, c = (k if product is None else product * k), c + 1
+            total = product if total is None else total + product
+        return total
+
+    def loglik(self, y, m, k, log_var, mask=None, eigh_dtype=None):
+        """L of the model at (M from :meth:`m`, K, log noise variances) in Y's units."""
+        if self.method == "statespace":
+            # Y behind a barrier: as a constant of a compiled loss XLA would fold O(T) work on it
+            y = jax.lax.optimization_barrier(y)
+            return loglik(y, m, k, self.noise(k, log_var))
+        return loglik_diag(y, m, k, log_var, mask=mask, eigh_dtype=eigh_dtype)
+
+    def noise(self, k, log_var):
+        """The noise matrix the likelihood takes: Σ, plus the nugget's 1e-6 K on the state-space path."""
+        sigma = jnp.diag(jnp.exp(log_var))
+        return sigma + NUGGET * k if self.method == "statespace" else sigma
+
     def m(self, q, dtype):
-        """M as a dense (T, T) array or a LowRank form, in ``dtype`` (built in float64)."""
+        """M as a dense (T, T) array, a LowRank form, or a StateSpace (without the nugget), in ``dtype``
+        (built in float64)."""
         kp = self.params(q)
         x, z = self._times()
+        if self.method == "statespace":
+            return ss.StateSpace(x.astype(dtype), self.state_space(kp, dtype))
         if self.method == "dense":
             return (self.kernel(kp, x) + NUGGET * jnp.eye(x.shape[0], dtype=F64)).astype(dtype)
         chol = self._inducing(kp)
@@ -130,7 +175,7 @@ class KernelModel:
 
 
 def kernel_lines(ell, ell_se, periods, period_se, amps, amp_se) -> list[str]:
-    """"lengthscales: 0.7856 ± 0.0275, ..." and likewise the fitted periods and relative amplitudes."""
+    """ "lengthscales: 0.7856 ± 0.0275, ..." and likewise the fitted periods and relative amplitudes."""
 
     def pairs(values, errors):
         return ", ".join(f"{a:.4g} ± {b:.3g}" for a, b in zip(values, errors))
@@ -169,7 +214,8 @@ def _convergence(r, steps: int, tol: float, per: float) -> tuple[str, bool]:
 
 def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
     T, D = table.Y.shape
-    dtype = jnp.float64 if args.float64 else jnp.float32
+    # The state-space path computes in float64 whatever --float64 says (see _fit_command.run's note).
+    dtype = jnp.float64 if args.float64 or method == "statespace" else jnp.float32
     eigh = "float64"  # float32 data, float64 eigendecompositions: see kronlik.loglik
     mask = data.mask
     n_obs = T * D - (0 if mask is None else int((~mask).sum()))
@@ -210,7 +256,7 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
         p0 = jax.tree_util.tree_map(lambda a: a.astype(dtype), p0)
 
         def loss(p):  # per observation, so that --tol does not depend on the table's size
-            return -loglik_diag(ys, model.m(p, dtype), _k_of(p), p["log_var"], mask=mask, eigh_dtype=eigh) / n_obs
+            return -model.loglik(ys, model.m(p, dtype), _k_of(p), p["log_var"], mask=mask, eigh_dtype=eigh) / n_obs
 
         observed = np.isfinite(table.Y).sum(axis=0)
         r = fit(
@@ -232,18 +278,28 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
     k_data = np.asarray(k_std) * np.outer(scale, scale)
     var_data = np.exp(np.asarray(log_var)) * scale**2
     y_data = jnp.asarray(np.where(np.isfinite(table.Y), table.Y - mean, 0.0), F64)
-    data_loglik = jax.jit(lambda y, m, k, s: loglik_diag(y, m, k, s, mask=mask))
-    L = float(data_loglik(y_data, m64, jnp.asarray(k_data), jnp.log(jnp.asarray(var_data))))
-    if not np.isfinite(L):
-        raise DataError("the likelihood is NaN at the fitted point")
+
+    def likelihood(y, m, k, s):  # float64: M from model.m, K, log noise variances
+        return loglik_diag(y, m, k, s, mask=mask) if model is None else model.loglik(y, m, k, s, mask=mask)
+
     try:
-        accuracy = validate(ys64, m64, k_std, log_var=log_var, warn=False)
+        if method == "statespace":  # L and its checks in one O(T) pass (validate's are O(T³))
+            k_data64 = jnp.asarray(k_data)
+            L, accuracy = state_space_check(
+                y_data, m64, k_data64, model.noise(k_data64, jnp.log(jnp.asarray(var_data)))
+            )
+        else:
+            L = float(jax.jit(likelihood)(y_data, m64, jnp.asarray(k_data), jnp.log(jnp.asarray(var_data))))
+            if not np.isfinite(L):
+                raise DataError("the likelihood is NaN at the fitted point")
+            accuracy = validate(ys64, m64, k_std, log_var=log_var, warn=False)
     except ValueError as e:
         raise DataError(f"the likelihood is not defined at the fitted point: {e}") from None
 
     # Standard errors: the expected (Fisher) information at the fit for a complete table and a
     # dense M; the observed information (central differences of the exact gradient) with missing
-    # cells, or a low-rank M (the Fisher route forms each dM as a T×T matrix); float64, over
+    # cells, a low-rank M (the Fisher route forms each dM as a T×T matrix) or a state-space M
+    # (2 gradients per parameter, each O(T)); float64, over
     # the K_ij (i ≤ j), the log noise variances and the kernel's free parameters.
     upper = np.triu_indices(D)
     theta = {"log_var": log_var}
@@ -260,7 +316,7 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
     if mask is None and method == "dense":
         info = jax.jit(lambda th: fisher_information(lambda q: (*parts(q), jnp.diag(jnp.exp(q["log_var"]))), th))(theta)
     else:
-        info = observed_information(jax.grad(lambda q: -loglik_diag(ys64, *parts(q), q["log_var"], mask=mask)), theta)
+        info = observed_information(jax.grad(lambda q: -likelihood(ys64, *parts(q), q["log_var"])), theta)
     se = jax.tree_util.tree_map(np.asarray, _std_errors(info, theta))
     var_se = var_data * se["log_var"]
     k_se = np.zeros((D, D))
@@ -291,9 +347,8 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
         amps = np.exp(np.asarray(kp["log_amplitude"]))
         amp_se = np.concatenate([[0.0], amps[1:] * se["log_amplitude"]]) if "log_amplitude" in se else np.zeros(1)
         units = table.time_label
-        lines.append(
-            f"kernel over {units}: {model.kernel.spec}" + (f" (low rank {rank})" if method == "lowrank" else "")
-        )
+        path = {"lowrank": f" (low rank {rank})", "statespace": " (exact state space, O(T))"}.get(method, "")
+        lines.append(f"kernel over {units}: {model.kernel.spec}{path}")
         for line in model.kernel.describe(kp):
             lines.append(f"  {line}")
         lines += kernel_lines(ell, ell_se, periods, period_se, amps[1:], amp_se[1:])
@@ -324,10 +379,23 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
 
     predictions, grid = None, None
     if model is not None:
-        sd_of = _predictor(model, p64, ys64, k_std, log_var, mask, scale, mean)
-        t_all = t
+        if method == "statespace":
+            sd_of = _state_space_predictor(model, p64, ys64, k_std, log_var, scale, mean)
+        else:
+            sd_of = _predictor(model, p64, ys64, k_std, log_var, mask, scale, mean)
+        # the new times and the plot's curves (only with --plot) in one call: one pass, one compilation
+        n_new = 0 if new_t is None else new_t.size
+        t_all = t if new_t is None else np.concatenate([t, new_t])
+        queries = [] if new_t is None else [new_t]
+        if args.plot:
+            queries.append(np.linspace(float(t_all.min()), float(t_all.max()), min(1000, max(200, t_all.size))))
+        if queries:
+            at = np.concatenate(queries)
+            answers = sd_of(at - t[0])
+            new = tuple(a[:n_new] for a in answers)
+            if args.plot:
+                grid = (at[n_new:], *(a[n_new:] for a in answers))
         if new_t is not None:
-            new = sd_of(new_t - t[0])
             header = ["decimal_year", "date"] if table.dates else [args.time_column or "row"]
             for n in names:
                 header += [f"{n}_mean", f"{n}_sd_latent", f"{n}_sd_observation"]
@@ -339,9 +407,6 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
                     cells += [f"{new[0][i, j]:.8g}", f"{new[1][i, j]:.8g}", f"{new[2][i, j]:.8g}"]
                 rows.append(",".join(cells))
             predictions = "\n".join(rows) + "\n"
-            t_all = np.concatenate([t, new_t])
-        grid_t = np.linspace(float(t_all.min()), float(t_all.max()), min(1000, max(200, t_all.size)))
-        grid = (grid_t, *sd_of(grid_t - t[0]))
 
     out = {
         "source": args.data or "built-in US macro data (statsmodels macrodata, public domain)",
@@ -349,7 +414,7 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
         "outputs": names,
         "rows": T,
         "missing_cells": T * D - n_obs,
-        "dtype": "float64" if args.float64 else "float32",
+        "dtype": "float64" if dtype == jnp.float64 else "float32",
         "time": None
         if model is None
         else {
@@ -424,6 +489,61 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
         return fig
 
     return Report("\n".join(lines), warnings, out, predictions, figure)
+
+
+class StateSpaceAccuracy(NamedTuple):
+    """What the state-space path reports in place of :func:`kronlik.validate` (whose checks are O(T³))."""
+
+    s_min: float  # the smallest Kalman innovation variance over its prior variance κ_j k(0) + ν_j
+    error_bound: float
+
+    def __str__(self) -> str:
+        return (
+            f"valid (float64); Kalman innovation variances down to {self.s_min:.3g} of their prior variance: "
+            f"terms of L accurate to about {self.error_bound:.1e} (relative)"
+        )
+
+
+@jax.jit
+def _filtered(y, m, k, sigma):
+    from ._noise import FullNoise
+    from ._statespace_core import ss_factor, ss_forward
+
+    # kronlik.loglik's value with a StateSpace M is this pass's (structured._ss_loglik)
+    s = ss_forward(y, ss_factor(m, k, FullNoise(sigma)), store=False)
+    return s.value, s.ok, jnp.min(s.filtered.s_min)
+
+
+def state_space_check(y, m, k, sigma) -> tuple[float, StateSpaceAccuracy]:
+    """(L, accuracy) at (Y, M a StateSpace, K, Σ) in O(T), or ValueError where L is not defined.
+
+    An innovation variance S = hᵀP⁻h + ν carries round-off of eps times its prior variance (P⁻ is
+    formed at that scale), so relative to itself eps / (S / prior) at the smallest ratio.
+    """
+    value, ok, s_min = _filtered(y, m, k, sigma)
+    if not bool(ok):
+        raise ValueError(
+            "K, Σ or the kernel is invalid, or U is numerically singular (an innovation variance is round-off)"
+        )
+    s_min = float(s_min)
+    return float(value), StateSpaceAccuracy(s_min, 10.0 * float(jnp.finfo(F64).eps) / s_min)
+
+
+def _state_space_predictor(model: KernelModel, p64, ys64, k_std, log_var, scale, mean):
+    """x ↦ (mean, sd of the latent, sd of a new observation), (N, D) in data units: O(T + N)."""
+    from ._smoother import posterior
+
+    kernel = model.state_space(model.params(p64))
+    sigma = model.noise(k_std, log_var)
+    nugget = NUGGET * np.diagonal(np.asarray(k_std))[None, :]  # the latent's white part at a new time
+    noise = np.exp(np.asarray(log_var))[None, :]
+
+    def at(x_new):
+        post = posterior(ys64, model.x, kernel, k_std, sigma, jnp.asarray(x_new, F64))
+        var = np.maximum(np.asarray(post.var), 0.0) + nugget
+        return np.asarray(post.mean) * scale + mean, np.sqrt(var) * scale, np.sqrt(var + noise) * scale
+
+    return at
 
 
 def _predictor(model: KernelModel, p64, ys64, k_std, log_var, mask, scale, mean):

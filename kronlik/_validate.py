@@ -19,7 +19,8 @@ import numpy as np
 from ._checks import check_eigh_dtype, prepare
 from ._core import factor, forward, solve_in_pencil_basis
 from ._noise import FullNoise, LogVarNoise
-from .forms import Dense, EighFactor, psd_tolerance
+from .forms import Dense, EighFactor, psd_tolerance, resolution
+from .statespace import StateSpace
 
 Array = jax.Array
 
@@ -184,6 +185,8 @@ def validate(
             first = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ValueError(f"{n} has {int(bad.sum())} non-finite entries (NaN or inf), the first at index {first}")
 
+    if isinstance(form, StateSpace):
+        return _validate_statespace(Y, form, K, noise, model, named, warn)
     eigh_dtype = check_eigh_dtype(eigh_dtype)
     f, s, amplification, cancellation, pencil_amplification, sens_m, sens_k = _factor_and_forward(
         Y, form, K, noise, eigh_dtype
@@ -269,4 +272,83 @@ def validate(
             "eigh_dtype='float64' (kronlik's mixed precision: M's eigendecomposition in float64).",
             stacklevel=2,
         )
+    return report
+
+
+@jax.jit
+def _statespace_forward(Y, form, K, noise):
+    from ._kalman import kalman_reverse, matmul_sorted
+    from ._statespace_core import ss_factor, ss_forward
+
+    f = ss_factor(form, K, noise)
+    s = ss_forward(Y, f, store=True)
+    pencil = f.pencil
+    # The filter is backward stable: its errors are a perturbation of M of relative size ~eps
+    # (and the rounding of the times, eps·max|t| against the kernel's fastest rate ‖F‖), which
+    # C_j = ρ_j M/α + ν_j I amplifies by (ρ_j λ_max(M)/α + ν_j) / S_min,j, S_min,j ≥ ν_j the
+    # smallest innovation variance (a pivot of C_j's block LDLᵀ; prior variance ρ_j + ν_j = 1).
+    # λ_max(M) by 30 steps of power iteration, O(T) each.
+    T = Y.shape[0]
+    v = jnp.ones((T, 1), Y.dtype)
+    v = jax.lax.fori_loop(0, 30, lambda _, v: (w := matmul_sorted(f.g, v)) / jnp.max(jnp.abs(w)), v)
+    lam_max = jnp.max(jnp.abs(matmul_sorted(f.g, v))) / jnp.max(jnp.abs(v))
+    alpha = form.variance()
+    rate = jnp.max(jnp.abs(jax.jvp(form.kernel.transition, (jnp.zeros((), Y.dtype),), (jnp.ones((), Y.dtype),))[1]))
+    time_scale = 1.0 + jnp.max(jnp.abs(form.times)) * rate
+    conditioning = (pencil.rho * lam_max / alpha + pencil.nu) / s.filtered.s_min
+    amplification = jnp.max(conditioning) * time_scale
+    # The pencil's normwise round-off in K and a full Σ moves ρ_j, ν_j by eps·trace·‖p̃_j‖², and
+    # C_j = ρ_j M/α + ν_j I by that times ‖C_j⁻¹ M/α‖ ≤ min(1/ρ_j, T/ν_j) and ‖C_j⁻¹‖ ≤ 1/ν_j.
+    norms = jnp.sum(pencil.p_scaled**2, axis=0)
+    on_k = jnp.minimum(1.0 / pencil.rho, T / pencil.nu)
+    pencil_amplification = jnp.max(norms * (pencil.k_trace * on_k + pencil.noise_trace / pencil.nu))
+    # cancellation in the gradients' diagonals ∂ℓ_j/∂ν_j = ½ (rᵀr - tr C_j⁻¹), likewise for κ_j
+    rv = kalman_reverse(s.z, f.g.a, f.g.q, f.g.h, pencil.kappa, pencil.nu, s.filtered)
+    r = -rv.z
+    data_nu = 0.5 * jnp.sum(r * r, axis=0)
+    data_kappa = 0.5 * jnp.sum(r * matmul_sorted(f.g, r), axis=0)
+
+    def ratio(data, grad):
+        return jnp.max((jnp.abs(data) + jnp.abs(data - grad)) / jnp.abs(grad))
+
+    cancellation = jnp.maximum(ratio(data_nu, rv.nu), ratio(data_kappa, rv.kappa))
+    return f, s, amplification, pencil_amplification, cancellation
+
+
+def _validate_statespace(Y, form, K, noise, model, named, warn) -> Validation:
+    """validate for a StateSpace M: the same flags as the likelihood's O(T) path, in O(T)."""
+    f, s, amplification, pencil_amplification, cancellation = _statespace_forward(Y, form, K, noise)
+    dtype = Y.dtype
+    T, D = Y.shape
+    if not bool(form.valid()):
+        raise ValueError(
+            f"the kernel's parameters are not valid: {form.kernel} (amplitudes must be ≥ 0, lengthscales, "
+            "frequencies and qualities > 0, all finite)"
+        )
+    pencil = f.pencil
+    k_low, k_scale = _smallest_eig(named["K"])
+    noise_word = "Sigma" if model is FullNoise else "diag(exp(log_var))"
+    allowed = psd_tolerance(D, dtype)
+    for flag, name in ((pencil.ok_k, "K"), (pencil.ok_noise, noise_word)):
+        if not bool(flag):
+            raise ValueError(f"{name} is not positive semi-definite (beyond the round-off allowance -{allowed:.3g})")
+    if not bool(pencil.ok_s):
+        raise ValueError(
+            f"αK + Σ is not positive definite (α = k(0) = {float(form.variance()):.6g}), so neither is U: K has "
+            f"smallest eigenvalue {k_low:.6g} (largest magnitude {k_scale:.6g})"
+        )
+    s_min = float(jnp.min(s.filtered.s_min))
+    if not bool(s.ok):
+        if not s_min > resolution(T, dtype):
+            raise ValueError(
+                f"U = M ⊗ K + I ⊗ Σ is numerically singular: an innovation variance of the Kalman filter is "
+                f"{s_min:.3g} of its prior variance (at or below round-off): the noise vanishes in a direction "
+                "where M ⊗ K does too (e.g. repeated times with a noise-free output)"
+            )
+        raise ValueError(f"the log-likelihood overflows in {dtype.name} (|L| too large to represent)")
+    amp, eps = float(amplification), float(jnp.finfo(dtype).eps)
+    bound = (amp + 10 + float(pencil_amplification)) * eps
+    report = Validation(dtype.name, amp, bound, bound * float(cancellation))
+    if warn and report.error_bound > 1e-3:
+        warnings.warn(f"kronlik in {dtype.name} on these inputs: {report}. Use float64.", stacklevel=3)
     return report

@@ -346,9 +346,11 @@ class Diagonal(NamedTuple):
         return Diagonal(self.values[rows])
 
 
-FORMS = (Dense, EighFactor, LowRank, Diagonal)
+from .statespace import StateSpace  # noqa: E402  (it uses psd_tolerance above, lazily)
+
+FORMS = (Dense, EighFactor, LowRank, Diagonal, StateSpace)
 
 
-def as_form(M) -> Dense | EighFactor | LowRank | Diagonal:
+def as_form(M) -> Dense | EighFactor | LowRank | Diagonal | StateSpace:
     """A registered form as is; anything else is taken as a dense (T, T) array."""
     return M if isinstance(M, FORMS) else Dense(jnp.asarray(M))

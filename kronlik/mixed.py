@@ -32,8 +32,9 @@ from ._checks import as_float_arrays, check_eigh_dtype, prepare, same_dtype
 from ._core import backward, factor, not_differentiable
 from ._gls import LAMOTTE, METHODS, ML, profile, reml_information_correction
 from ._noise import FullNoise
-from .forms import Diagonal, EighFactor, LowRank, as_form
+from .forms import Dense, Diagonal, EighFactor, LowRank, as_form
 from .information import _fisher_in_basis
+from .statespace import StateSpace
 from .structured import MForm, _moving, _pair, factorize
 
 Array = jax.Array
@@ -172,6 +173,7 @@ def loglik_mixed(
     """
     _check_method(method)
     Y, form, K, noise = prepare(Y, M, K, Sigma, FullNoise)
+    form = _eigenbasis_form(form)
     terms = _terms(Y, F, A)
     value = _loglik_mixed(Y, form, K, noise, terms, method, check_eigh_dtype(eigh_dtype))
     return value + _lamotte_constant(terms) if method == LAMOTTE else value
@@ -212,6 +214,7 @@ def gls(
       :class:`GLS` with ``B`` (c, a) and ``cov`` (c·a, c·a); NaN where the likelihood is.
     """
     Y, form, K, noise = prepare(Y, M, K, Sigma, FullNoise)
+    form = _eigenbasis_form(form)
     terms = _terms(Y, F, A)
     b, cov = _gls(Y, form, K, noise, terms, check_eigh_dtype(eigh_dtype))
     return GLS(b.reshape(terms[0][0].shape[1], terms[0][1].shape[1]), cov)
@@ -269,8 +272,15 @@ def information_mixed(
         raise ValueError(f"K must be a square (D, D) array; got shape {K.shape}")
     D = K.shape[0]
     Y, form, K, noise = prepare(jnp.zeros((T, D), K.dtype), M, K, Sigma, FullNoise, y_name="(T, D from M and K)")
+    form = _eigenbasis_form(form)
     terms = _terms(Y, F, A)
     return jax.jit(_information, static_argnums=(5, 6))(Y, form, K, noise, terms, method, check_eigh_dtype(eigh_dtype))
+
+
+def _eigenbasis_form(form):
+    """The mixed model runs in M's eigenbasis: a StateSpace M (a kernel over time) enters as its
+    dense matrix, O(T³) like any dense M (the O(T) recursions do not carry covariates yet)."""
+    return Dense(form.dense()) if isinstance(form, StateSpace) else form
 
 
 def _rows(M) -> int:

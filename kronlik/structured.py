@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from . import _statespace_core as ss
 from ._checks import as_float_arrays, check_eigh_dtype, prepare, same_dtype
 from ._core import (
     Direction,
@@ -39,9 +40,10 @@ from ._core import (
 from ._missing import Missing, extra_terms, masked_forward, observed_problem, predictive_correction
 from ._noise import FullNoise, LogVarNoise
 from .forms import Dense, Diagonal, EighFactor, LowRank
+from .statespace import StateSpace
 
 Array = jax.Array
-MForm = Array | EighFactor | LowRank | Diagonal
+MForm = Array | EighFactor | LowRank | Diagonal | StateSpace
 
 __all__ = [
     "factorize",
@@ -218,6 +220,68 @@ def _masked_solve_impl(Y, form, K, noise, miss: Missing, eigh_dtype):
 _masked_solve = not_differentiable(_masked_solve_impl, (5,), _MASKED_ORDER.replace("a second", "a derivative"))
 
 
+# ---------------------------------------------------------------------------------------------
+# A StateSpace M: the pencil's D scalar problems solved by Kalman recursions (kronlik._kalman).
+# The value's tangent is Σ ⟨∂L/∂x, dx⟩ with the hand-derived gradients, which are plain JAX
+# functions of Y and the kernel (P held fixed). Their tangents (second order in every argument)
+# are _ss_value_and_grads' rule, P still held fixed; the pencil refuses to be differentiated.
+# ---------------------------------------------------------------------------------------------
+
+
+@jax.custom_jvp
+def _ss_value_and_grads(Y, form, K, noise):
+    return ss.value_and_grads(Y, form, K, noise)
+
+
+@partial(_ss_value_and_grads.defjvp, symbolic_zeros=True)
+def _ss_value_and_grads_jvp(primals, tangents):
+    # The gradients' tangents in the pencil basis held fixed (ss.gradient_tangents); a third
+    # derivative in K or the noise reaches the pencil, which refuses with a TypeError.
+    moving = [_moving(x, t) for x, t in zip(primals, tangents)]
+    value, grads, grad_tangents = ss.gradient_tangents(primals, *moving)
+    return (value, grads), (_pair(grads, tangents), grad_tangents)
+
+
+@jax.custom_jvp
+def _ss_loglik(Y, form, K, noise):
+    return ss.value(Y, form, K, noise)
+
+
+@partial(_ss_loglik.defjvp, symbolic_zeros=True)
+def _ss_loglik_jvp(primals, tangents):
+    value, grads = _ss_value_and_grads(*primals)
+    return value, _pair(grads, tangents)
+
+
+@jax.custom_jvp
+def _ss_solve(Y, form, K, noise):
+    return ss.solve(Y, form, K, noise)
+
+
+@partial(_ss_solve.defjvp, symbolic_zeros=True)
+def _ss_solve_jvp(primals, tangents):
+    # dW = U⁻¹ (dY - dU W), one more solve.
+    Y, form, K, noise = primals
+    dY, dform, dK, dnoise = (_moving(x, t) for x, t in zip(primals, tangents))
+    w = ss.solve(Y, form, K, noise)
+    rhs = -ss.apply_u_tangent(w, form, K, noise, dform, dK, dnoise)
+    if dY is not None:
+        rhs = rhs + dY
+    return w, ss.solve(rhs, form, K, noise)
+
+
+_ss_predict = not_differentiable(
+    ss.predict,
+    message="predict with a StateSpace M is not differentiable yet (loglik, loglik_diag, solve and the "
+    "gradient helpers are)",
+)
+
+
+def _refuse_statespace_mask(form, mask, max_missing) -> None:
+    if isinstance(form, StateSpace) and (mask is not None or max_missing is not None):
+        raise ValueError("mask= with a StateSpace M is not supported yet; pass M.dense() (O(T³)) for missing entries")
+
+
 def loglik(
     Y: Array,
     M: MForm,
@@ -277,6 +341,9 @@ def loglik(
 
 
 def _dispatch(args, mask, max_missing, eigh_dtype) -> Array:
+    _refuse_statespace_mask(args[1], mask, max_missing)
+    if isinstance(args[1], StateSpace):
+        return _ss_loglik(*args)
     obs = observed_problem(args, mask, max_missing)
     if obs.nothing_observed:
         return jnp.zeros((), args[0].dtype)  # the density of no entries
@@ -429,7 +496,15 @@ def _gradients(Y, form, K, noise, eigh_dtype):
     return _value_and_grads(Y, form, K, noise, eigh_dtype)[1]
 
 
+@jax.jit
+def _ss_gradients(Y, form, K, noise):
+    return _ss_value_and_grads(Y, form, K, noise)[1]
+
+
 def _grads(args, mask, max_missing, eigh_dtype):
+    _refuse_statespace_mask(args[1], mask, max_missing)
+    if isinstance(args[1], StateSpace):
+        return _ss_gradients(*args)
     if mask is None and max_missing is None:
         return _gradients(*args, eigh_dtype)
     # With a mask, the gradient of the dispatched likelihood: dropped rows and replaced outputs
@@ -500,6 +575,9 @@ def solve(
     missing ones (then not differentiable: a derivative raises TypeError).
     """
     args, eigh = prepare(Y, M, K, Sigma, FullNoise), check_eigh_dtype(eigh_dtype)
+    _refuse_statespace_mask(args[1], mask, max_missing)
+    if isinstance(args[1], StateSpace):
+        return _ss_solve(*args)
     obs = observed_problem(args, mask, max_missing)
     if obs.nothing_observed:
         return jnp.zeros_like(args[0])
@@ -578,6 +656,10 @@ def predict(
             f"got {M_cross.shape} and {m_new_diag.shape}"
         )
     eigh = check_eigh_dtype(eigh_dtype)
+    _refuse_statespace_mask(form, mask, max_missing)
+    if isinstance(form, StateSpace):
+        mean, var = _ss_predict(Y, form, K, noise, M_cross, m_new_diag)
+        return mean, var + noise.diagonal()[None, :] if include_noise else var
     obs = observed_problem((Y, form, K, noise), mask, max_missing, keep_k=True)
     if obs.nothing_observed:  # the prior
         k_diag = jnp.diagonal(K)

@@ -92,3 +92,30 @@ def test_mixed_benchmark_smoke():
     assert result["value_grad_agreement"] < 1e-10
     assert abs(result["fit"]["kronlik_minus_dense_loglik"]) < 1e-6
     assert result["scan"]["max_rel_chi2_difference"] < 1e-8
+
+
+def test_statespace_benchmark_smoke(tmp_path, capsys):
+    import importlib.util
+
+    out = tmp_path / "statespace.json"
+    argv = ["--T", "16", "--D", "2", "--repeats", "1", "--budget", "0", "--dense-max-T", "16", "--json", str(out)]
+    result = _main("statespace.py")(argv + ["--bars", "16x2", "--bar-rounds", "2"])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == result["rows"] and [(r["T"], r["D"]) for r in saved["rows"]] == [(16, 2)]
+    row = saved["rows"][0]
+    assert {"kronlik value", "kronlik value+grad", "eigh value", "eigh value+grad"} <= set(row["seconds"])
+    assert row["ratios"]["kronlik value+grad / kronlik value"] > 0
+    assert row["agree"]["eigh value"] < 1e-10 and row["agree"]["eigh gradients (max over arguments)"] < 1e-8
+    assert saved["bars"][0]["ratios"]["cpu: kronlik value+grad / kronlik value"]["median"] > 0
+    printed = capsys.readouterr().out
+    for name in ("tinygp", "celerite2"):  # optional baselines: skipped, never an error, when not installed
+        if importlib.util.find_spec(name) is None:
+            assert row["skipped"][name] == "skipped: not installed" and f"{name}: skipped: not installed" in printed
+
+
+def test_statespace_second_order_benchmark_smoke(tmp_path):
+    out = tmp_path / "second_order.json"
+    rows = _main("statespace_second_order.py")(["--sizes", "16x2", "--repeats", "1", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and [(r["T"], r["D"]) for r in rows] == [(16, 2)]
+    assert all(rows[0][f"{name} / value+grad"] > 0 for name in ("hvp θ,Y", "hvp K,s", "hvp all"))
