@@ -77,14 +77,21 @@ _N52 = np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [-1.0, -3.0, -2.0]])
 _P52 = np.array([[1.0, 0.0, -1.0 / 3.0], [0.0, 1.0 / 3.0, 0.0], [-1.0 / 3.0, 0.0, 1.0]])
 
 
-class Matern12(NamedTuple):
-    """k(τ) = σ² exp(-τ/ℓ) (Ornstein-Uhlenbeck), J = 1; ``amplitude`` σ², ``lengthscale`` ℓ."""
+class _Matern(NamedTuple):
+    """The fields and checks the Matérn kernels share (each subclass adds its state-space form)."""
 
     __add__ = _add
     __mul__ = _mul
 
     amplitude: Array
     lengthscale: Array
+
+    def valid(self) -> Array:
+        return _positive(self.lengthscale) & jnp.isfinite(self.amplitude) & (self.amplitude >= 0)
+
+
+class Matern12(_Matern):
+    """k(τ) = σ² exp(-τ/ℓ) (Ornstein-Uhlenbeck), J = 1; ``amplitude`` σ², ``lengthscale`` ℓ."""
 
     state_size = 1
 
@@ -100,18 +107,9 @@ class Matern12(NamedTuple):
     def covariance(self, tau: Array) -> Array:
         return self.amplitude * jnp.exp(-jnp.abs(tau) / self.lengthscale)
 
-    def valid(self) -> Array:
-        return _positive(self.lengthscale) & jnp.isfinite(self.amplitude) & (self.amplitude >= 0)
 
-
-class Matern32(NamedTuple):
+class Matern32(_Matern):
     """k(τ) = σ² (1 + √3 τ/ℓ) exp(-√3 τ/ℓ), J = 2; ``amplitude`` σ², ``lengthscale`` ℓ."""
-
-    __add__ = _add
-    __mul__ = _mul
-
-    amplitude: Array
-    lengthscale: Array
 
     state_size = 2
 
@@ -128,18 +126,9 @@ class Matern32(NamedTuple):
         r = math.sqrt(3.0) * jnp.abs(tau) / self.lengthscale
         return self.amplitude * (1.0 + r) * jnp.exp(-r)
 
-    def valid(self) -> Array:
-        return _positive(self.lengthscale) & jnp.isfinite(self.amplitude) & (self.amplitude >= 0)
 
-
-class Matern52(NamedTuple):
+class Matern52(_Matern):
     """k(τ) = σ² (1 + √5 τ/ℓ + 5τ²/(3ℓ²)) exp(-√5 τ/ℓ), J = 3; ``amplitude`` σ², ``lengthscale`` ℓ."""
-
-    __add__ = _add
-    __mul__ = _mul
-
-    amplitude: Array
-    lengthscale: Array
 
     state_size = 3
 
@@ -155,9 +144,6 @@ class Matern52(NamedTuple):
     def covariance(self, tau: Array) -> Array:
         r = math.sqrt(5.0) * jnp.abs(tau) / self.lengthscale
         return self.amplitude * (1.0 + r + r * r / 3.0) * jnp.exp(-r)
-
-    def valid(self) -> Array:
-        return _positive(self.lengthscale) & jnp.isfinite(self.amplitude) & (self.amplitude >= 0)
 
 
 def _sho_parts(tau: Array, omega: Array, quality: Array) -> tuple[Array, Array]:
