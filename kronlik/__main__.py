@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     fitp.add_argument("--predict-at", help="CSV whose time column (or first column) holds times to predict at")
     fitp.add_argument(
         "--predictions",
-        help="where --forecast/--predict-at write mean and sds per output (default predictions.csv); "
-        "only with one of them",
+        help="where --forecast/--predict-at write mean and sds per output (default predictions.csv), with "
+        "every row that has a missing cell first (gap filling; last column kind: gap or new); needs one of "
+        "them or a table with missing cells",
     )
     fitp.add_argument("--out", help="write everything needed to rebuild the fitted model as JSON here")
     fitp.add_argument("--plot", help="draw data, posterior mean, latent and observation ±2 sd bands to this PNG")

@@ -7,6 +7,7 @@ Everything that can be wrong with the arguments or the data is found before any 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -96,8 +97,6 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.period is not None and not (math.isfinite(args.period) and args.period > 0):
         raise DataError(f"--period must be a positive number; got {args.period}")
     predicting = args.forecast is not None or args.predict_at is not None
-    if args.predictions is not None and not predicting:
-        raise DataError("--predictions needs --forecast or --predict-at: without them there is nothing to predict")
     if args.predict_at is not None and not Path(args.predict_at).is_file():
         raise DataError(f"--predict-at: no such file: {args.predict_at}")
     if args.data is not None and args.data.endswith(".npz"):
@@ -115,7 +114,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise DataError(f"--kernel: {e}") from None
     outputs = [("--out", args.out), ("--plot", args.plot)]
-    if predicting:
+    if predicting or args.predictions is not None:
         outputs.append(("--predictions", predictions_path(args)))
     outputs = [(flag, path) for flag, path in outputs if path]
     inputs = [Path(p).resolve() for p in (args.data, args.predict_at) if p]
@@ -275,35 +274,36 @@ def choose_path(args, T: int, D: int, n_missing: int, given_m: bool) -> tuple[st
     """("statespace", "dense" or "lowrank", rank, what to tell the user), or DataError with the options.
 
     A kernel of Matérns only (--kernel matern12/32/52, sums and products of them) takes the exact
-    state-space path at any T when the table is complete and --method is auto; missing cells, or
-    another kernel, keep the dense path up to DENSE_MAX_ROWS rows and the low-rank one above.
+    state-space path at any T when --method is auto, missing cells or not (a Kalman filter on the
+    joint state of the outputs where cells are missing); another kernel keeps the dense path up to
+    DENSE_MAX_ROWS rows and the low-rank one above.
     """
     method = args.method
     state_space = not given_m and state_space_kernel(getattr(args, "kernel", None))
-    gaps = ""
     if given_m:
         if method == "lowrank":
             raise DataError("--method lowrank needs a kernel over time; an .npz gives M itself")
         method = "dense"
     elif method == "auto":
-        if state_space and not n_missing:
+        if state_space:
             method = "statespace"
         else:
             method = "dense" if T <= DENSE_MAX_ROWS else "lowrank"
-            if state_space:
-                gaps = (
-                    f"; the exact state-space path needs a complete table ({n_missing} missing cells here: "
-                    "kronlik's StateSpace takes no mask yet)"
-                )
     rank = T if method in ("dense", "statespace") else min(args.rank or DEFAULT_RANK, T)
     why = ""
     if method == "statespace":
+        joint = (
+            f"; {n_missing} missing cells: one filter on the joint state of the {D} outputs, exact whatever the "
+            "fraction missing"
+            if n_missing
+            else ""
+        )
         return (
             method,
             rank,
             (
                 f"exact state-space (Kalman) likelihood, O(T): {T} steps of the kernel's linear SDE, no T×T matrix "
-                f"(the dense path's model, M = k(t, t) + {NUGGET:g} I; --method dense for the eigh engine)"
+                f"(the dense path's model, M = k(t, t) + {NUGGET:g} I; --method dense for the eigh engine){joint}"
             ),
         )
     if method == "lowrank":
@@ -311,17 +311,16 @@ def choose_path(args, T: int, D: int, n_missing: int, given_m: bool) -> tuple[st
             f"low-rank M: Nyström with {rank} inducing points evenly spaced in time"
             + (f" (T = {T} > {DENSE_MAX_ROWS} rows)" if args.method == "auto" else "")
             + "; --rank to change, --method dense for the exact T×T kernel"
-            + gaps
         )
     else:
-        why = gaps.lstrip("; ")
+        why = ""
         need = 12.0 * T * T * 8  # M, its eigenvectors, ∂L/∂M and temporaries, float64
         avail = _memory_available()
         if need > 0.7 * avail:
             raise DataError(
                 f"T = {T} rows: the dense path needs about {need / 1e9:.1f} GB and {avail / 1e9:.1f} GB is available; "
                 f"use --method lowrank (--rank R, default {DEFAULT_RANK}) or fewer rows"
-                + ("; --method auto fits this kernel exactly in O(T) (state space)" if state_space and not gaps else "")
+                + ("; --method auto fits this kernel exactly in O(T) (state space)" if state_space else "")
             )
     if n_missing:
         flops = n_missing * T * D * (rank + D) + n_missing**2 * T * D + n_missing**3
@@ -343,6 +342,11 @@ def run(args: argparse.Namespace) -> int:
         T, D = table.Y.shape
         n_missing = 0 if data.mask is None else int((~data.mask).sum())
         method, rank, why = choose_path(args, T, D, n_missing, table.M is not None)
+        if args.predictions is not None and args.forecast is None and args.predict_at is None and not n_missing:
+            raise DataError(
+                "--predictions needs --forecast or --predict-at, or a table with missing cells (gap filling): "
+                "without them there is nothing to predict"
+            )
         check_periods(args, table)
         new_t = _new_times(args, table)
         if table.M is not None:
@@ -407,9 +411,12 @@ def _new_times(args, table: Table) -> np.ndarray | None:
             ahead = np.array([_decimal_year(datetime.fromisoformat(from_decimal_year(y, True))) for y in ahead])
         parts.append(ahead)
     if args.predict_at is not None:
-        header, _, _ = read_csv(args.predict_at)
+        # the header first, every column as text (a date column must not be parsed as a number)
+        with open(args.predict_at, newline="", encoding="utf-8-sig") as fh:
+            header = next((r for r in csv.reader(fh) if r and not r[0].startswith("#")), [""])
+        header = [h.strip() for h in header]
         column = args.time_column if args.time_column in header else header[0]
-        _, _, texts = read_csv(args.predict_at, (column,))
+        _, _, texts = read_csv(args.predict_at, tuple(h for h in header if h))
         new, dates = parse_times(texts[column], f"{args.predict_at}, column {column!r}")
         if table.t is not None and dates != table.dates:
             raise DataError(

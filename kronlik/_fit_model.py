@@ -142,7 +142,7 @@ class KernelModel:
         if self.method == "statespace":
             # Y behind a barrier: as a constant of a compiled loss XLA would fold O(T) work on it
             y = jax.lax.optimization_barrier(y)
-            return loglik(y, m, k, self.noise(k, log_var))
+            return loglik(y, m, k, self.noise(k, log_var), mask=mask)
         return loglik_diag(y, m, k, log_var, mask=mask, eigh_dtype=eigh_dtype)
 
     def noise(self, k, log_var):
@@ -286,7 +286,7 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
         if method == "statespace":  # L and its checks in one O(T) pass (validate's are O(T³))
             k_data64 = jnp.asarray(k_data)
             L, accuracy = state_space_check(
-                y_data, m64, k_data64, model.noise(k_data64, jnp.log(jnp.asarray(var_data)))
+                y_data, m64, k_data64, model.noise(k_data64, jnp.log(jnp.asarray(var_data))), mask
             )
         else:
             L = float(jax.jit(likelihood)(y_data, m64, jnp.asarray(k_data), jnp.log(jnp.asarray(var_data))))
@@ -380,13 +380,21 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
     predictions, grid = None, None
     if model is not None:
         if method == "statespace":
-            sd_of = _state_space_predictor(model, p64, ys64, k_std, log_var, scale, mean)
+            sd_of = _state_space_predictor(model, p64, ys64, k_std, log_var, mask, scale, mean)
         else:
             sd_of = _predictor(model, p64, ys64, k_std, log_var, mask, scale, mean)
-        # the new times and the plot's curves (only with --plot) in one call: one pass, one compilation
-        n_new = 0 if new_t is None else new_t.size
+        # Gap filling: with missing cells, the predictions also hold every row that has one (the
+        # posterior of each output there), marked "gap"; the new times are marked "new".
+        gap_t = None
+        if mask is not None and (new_t is not None or args.predictions is not None):
+            gap_t = t[~mask.all(axis=1)]
+        pred_t = [x for x in (gap_t, new_t) if x is not None]
+        kinds = (["gap"] * (0 if gap_t is None else gap_t.size)) + (["new"] * (0 if new_t is None else new_t.size))
+        pred_t = np.concatenate(pred_t) if pred_t else None
+        # the predicted times and the plot's curves (only with --plot) in one call: one pass, one compilation
+        n_new = 0 if pred_t is None else pred_t.size
         t_all = t if new_t is None else np.concatenate([t, new_t])
-        queries = [] if new_t is None else [new_t]
+        queries = [] if pred_t is None else [pred_t]
         if args.plot:
             queries.append(np.linspace(float(t_all.min()), float(t_all.max()), min(1000, max(200, t_all.size))))
         if queries:
@@ -395,16 +403,18 @@ def fit_table(args, table, data, method: str, rank: int, new_t) -> Report:
             new = tuple(a[:n_new] for a in answers)
             if args.plot:
                 grid = (at[n_new:], *(a[n_new:] for a in answers))
-        if new_t is not None:
+        if pred_t is not None:
             header = ["decimal_year", "date"] if table.dates else [args.time_column or "row"]
             for n in names:
                 header += [f"{n}_mean", f"{n}_sd_latent", f"{n}_sd_observation"]
+            header.append("kind")
             rows = [",".join(header)]
-            days = table.dates and whole_days(t) and whole_days(new_t)  # print at the input's resolution
-            for i, tn in enumerate(new_t):
+            days = table.dates and whole_days(t) and whole_days(pred_t)  # print at the input's resolution
+            for i, tn in enumerate(pred_t):
                 cells = [f"{tn:.17g}"] + ([from_decimal_year(tn, days)] if table.dates else [])
                 for j in range(D):
                     cells += [f"{new[0][i, j]:.8g}", f"{new[1][i, j]:.8g}", f"{new[2][i, j]:.8g}"]
+                cells.append(kinds[i])
                 rows.append(",".join(cells))
             predictions = "\n".join(rows) + "\n"
 
@@ -514,13 +524,27 @@ def _filtered(y, m, k, sigma):
     return s.value, s.ok, jnp.min(s.filtered.s_min)
 
 
-def state_space_check(y, m, k, sigma) -> tuple[float, StateSpaceAccuracy]:
+@jax.jit
+def _filtered_masked(y, m, k, sigma, mask):
+    from ._noise import FullNoise
+    from ._statespace_masked import _run, joint_problem
+
+    # kronlik.loglik's value with a StateSpace M and a mask is this pass's (_statespace_masked.value)
+    value, f, ok = _run(joint_problem(y, m, k, FullNoise(sigma), mask), store=False)
+    return value, ok, f.resolved
+
+
+def state_space_check(y, m, k, sigma, mask=None) -> tuple[float, StateSpaceAccuracy]:
     """(L, accuracy) at (Y, M a StateSpace, K, Σ) in O(T), or ValueError where L is not defined.
 
     An innovation variance S = hᵀP⁻h + ν carries round-off of eps times its prior variance (P⁻ is
-    formed at that scale), so relative to itself eps / (S / prior) at the smallest ratio.
+    formed at that scale), so relative to itself eps / (S / prior) at the smallest ratio. With
+    missing cells, the joint filter's smallest Cholesky pivot² of S over its cell's prior variance.
     """
-    value, ok, s_min = _filtered(y, m, k, sigma)
+    if mask is None or mask.all():
+        value, ok, s_min = _filtered(y, m, k, sigma)
+    else:
+        value, ok, s_min = _filtered_masked(y, m, k, sigma, jnp.asarray(mask))
     if not bool(ok):
         raise ValueError(
             "K, Σ or the kernel is invalid, or U is numerically singular (an innovation variance is round-off)"
@@ -529,7 +553,7 @@ def state_space_check(y, m, k, sigma) -> tuple[float, StateSpaceAccuracy]:
     return float(value), StateSpaceAccuracy(s_min, 10.0 * float(jnp.finfo(F64).eps) / s_min)
 
 
-def _state_space_predictor(model: KernelModel, p64, ys64, k_std, log_var, scale, mean):
+def _state_space_predictor(model: KernelModel, p64, ys64, k_std, log_var, mask, scale, mean):
     """x ↦ (mean, sd of the latent, sd of a new observation), (N, D) in data units: O(T + N)."""
     from ._smoother import posterior
 
@@ -539,7 +563,7 @@ def _state_space_predictor(model: KernelModel, p64, ys64, k_std, log_var, scale,
     noise = np.exp(np.asarray(log_var))[None, :]
 
     def at(x_new):
-        post = posterior(ys64, model.x, kernel, k_std, sigma, jnp.asarray(x_new, F64))
+        post = posterior(ys64, model.x, kernel, k_std, sigma, jnp.asarray(x_new, F64), mask)
         var = np.maximum(np.asarray(post.var), 0.0) + nugget
         return np.asarray(post.mean) * scale + mean, np.sqrt(var) * scale, np.sqrt(var + noise) * scale
 

@@ -108,12 +108,16 @@ def smooth(z: Array, observed: Array, a: Array, q: Array, h, kappa: Array, nu: A
 
 
 @jax.jit
-def posterior(Y: Array, times: Array, kernel, K: Array, Sigma: Array, new_times: Array) -> Posterior:
+def posterior(Y: Array, times: Array, kernel, K: Array, Sigma: Array, new_times: Array, mask=None) -> Posterior:
     """The posterior of f at ``new_times`` (N,) given Y (T, D) at ``times`` (T,), any order.
 
     vec(Y) ~ N(0, M ⊗ K + I ⊗ Σ) with M = k(times, times) for the state-space ``kernel``; Σ a
     full (D, D) matrix. ``var`` is the latent's (add Σ_dd for a new observation). O((T + N) J² D).
+    With a (T, D) boolean ``mask`` (True = observed), given the observed cells only: the joint
+    state's smoother (:func:`kronlik._kalman_joint.joint_smooth`), O((T + N) (J D)² (J + D)).
     """
+    if mask is not None:
+        return _posterior_masked(Y, times, kernel, K, Sigma, new_times, mask)
     T, D = Y.shape
     form = StateSpace(times, kernel)
     f = ss_factor(form, K, FullNoise(Sigma))
@@ -132,3 +136,19 @@ def posterior(Y: Array, times: Array, kernel, K: Array, Sigma: Array, new_times:
     ok = f.ok & jnp.all(jnp.isfinite(Y))
     nan = jnp.where(ok, 1.0, jnp.nan).astype(Y.dtype)
     return Posterior(mean_f * nan, var_f * nan, ok)
+
+
+def _posterior_masked(Y, times, kernel, K, Sigma, new_times, mask) -> Posterior:
+    from ._kalman_joint import joint_smooth
+    from ._statespace_masked import joint_problem
+
+    T, D = Y.shape
+    N = new_times.shape[0]
+    p = joint_problem(Y, StateSpace(times, kernel), K, FullNoise(Sigma), mask)
+    g = generators(jnp.concatenate([times, new_times]), kernel)
+    y = jnp.concatenate([jnp.where(mask, Y, jnp.zeros((), Y.dtype)), jnp.zeros((N, D), Y.dtype)])[g.order]
+    obs = jnp.concatenate([mask, jnp.zeros((N, D), bool)])[g.order]
+    mean, var = joint_smooth(y, obs, g.a, g.q, g.h, p.k, p.sigma)
+    rows = jnp.zeros(T + N, jnp.int32).at[g.order].set(jnp.arange(T + N, dtype=jnp.int32))[T:]
+    nan = jnp.where(p.ok, 1.0, jnp.nan).astype(Y.dtype)
+    return Posterior(mean[rows] * nan, jnp.maximum(var[rows], 0.0) * nan, p.ok)

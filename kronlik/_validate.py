@@ -143,6 +143,7 @@ def validate(
     *,
     log_var: Array | None = None,
     eigh_dtype: str | None = None,
+    mask=None,
     warn: bool = True,
 ) -> Validation:
     """Raise ``ValueError`` naming the input that makes the likelihood undefined, and by how much.
@@ -176,6 +177,13 @@ def validate(
         raise TypeError("validate needs exactly one of Sigma (D, D) or log_var= (D,)")
     model = FullNoise if log_var is None else LogVarNoise
     Y, form, K, noise = prepare(Y, M, K, Sigma if log_var is None else log_var, model)
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.dtype != bool or mask.shape != Y.shape:
+            raise ValueError(f"mask must be a boolean array of Y's shape {Y.shape}; got {mask.dtype} {mask.shape}")
+        Y = jnp.where(mask, Y, jnp.zeros((), Y.dtype))  # missing cells do not enter L
+        if mask.all():
+            mask = None
     named = {"Y": Y, **form.arrays(), "K": K, model.name: noise[0]}
     named = {n: _concrete(n, a) for n, a in named.items()}
 
@@ -186,6 +194,8 @@ def validate(
             raise ValueError(f"{n} has {int(bad.sum())} non-finite entries (NaN or inf), the first at index {first}")
 
     if isinstance(form, StateSpace):
+        if mask is not None:
+            return _validate_statespace_masked(Y, form, K, noise, model, mask, warn)
         return _validate_statespace(Y, form, K, noise, model, named, warn)
     eigh_dtype = check_eigh_dtype(eigh_dtype)
     f, s, amplification, cancellation, pencil_amplification, sens_m, sens_k = _factor_and_forward(
@@ -348,6 +358,57 @@ def _validate_statespace(Y, form, K, noise, model, named, warn) -> Validation:
         raise ValueError(f"the log-likelihood overflows in {dtype.name} (|L| too large to represent)")
     amp, eps = float(amplification), float(jnp.finfo(dtype).eps)
     bound = (amp + 10 + float(pencil_amplification)) * eps
+    report = Validation(dtype.name, amp, bound, bound * float(cancellation))
+    if warn and report.error_bound > 1e-3:
+        warnings.warn(f"kronlik in {dtype.name} on these inputs: {report}. Use float64.", stacklevel=3)
+    return report
+
+
+def _validate_statespace_masked(Y, form, K, noise, model, mask, warn) -> Validation:
+    """validate for a StateSpace M with cells missing: the joint-state filter's flags and accuracy."""
+    from ._kalman import matmul_sorted
+    from ._kalman_joint import joint_reverse
+    from ._statespace_masked import _psd, _run, joint_problem
+
+    dtype = Y.dtype
+    T, D = Y.shape
+    if not bool(form.valid()):
+        raise ValueError(
+            f"the kernel's parameters are not valid: {form.kernel} (amplitudes must be ≥ 0, lengthscales, "
+            "frequencies and qualities > 0, all finite)"
+        )
+    p = joint_problem(Y, form, K, noise, jnp.asarray(mask))
+    allowed = psd_tolerance(D, dtype)
+    noise_word = "Sigma" if model is FullNoise else "diag(exp(log_var))"
+    for a, name in ((p.k, "K"), (p.sigma, noise_word)):
+        if not bool(_psd(a)):
+            raise ValueError(f"{name} is not positive semi-definite (beyond the round-off allowance -{allowed:.3g})")
+    value, f, ok = _run(p, store=True)
+    resolved = float(f.resolved)
+    if not bool(ok):
+        if not resolved > resolution(T, dtype):
+            pivot = f"{resolved:.3g} of its cell's prior variance" if np.isfinite(resolved) else "not positive"
+            raise ValueError(
+                "U_oo (the covariance of the observed cells) is numerically singular: a Cholesky pivot of the "
+                f"joint Kalman filter's innovation covariance is {pivot} (at or below round-off), e.g. a "
+                "noise-free output observed twice at one time"
+            )
+        raise ValueError(f"the log-likelihood overflows in {dtype.name} (|L| too large to represent)")
+    g = p.g
+    v = jnp.ones((T, 1), dtype)
+    v = jax.lax.fori_loop(0, 30, lambda _, v: (w := matmul_sorted(g, v)) / jnp.max(jnp.abs(w)), v)
+    lam_max = jnp.max(jnp.abs(matmul_sorted(g, v))) / jnp.max(jnp.abs(v))
+    rate = jnp.max(jnp.abs(jax.jvp(form.kernel.transition, (jnp.zeros((), dtype),), (jnp.ones((), dtype),))[1]))
+    time_scale = 1.0 + jnp.max(jnp.abs(form.times)) * rate
+    amp = float(lam_max / form.variance() / f.resolved * time_scale)
+    # cancellation in ∂L/∂Σ_dd = ½ (Σ_t W_td² - B_dd): data term against the gradient
+    rv = joint_reverse(p.y, p.obs, g.a, g.q, g.h, p.k, p.sigma, f)
+    data = 0.5 * jnp.sum(rv.y * rv.y, axis=0)
+    grad = jnp.diagonal(rv.sigma)
+    observed = jnp.any(p.obs, axis=0)
+    cancellation = jnp.max(jnp.where(observed, (jnp.abs(data) + jnp.abs(data - grad)) / jnp.abs(grad), 1.0))
+    eps = float(jnp.finfo(dtype).eps)
+    bound = (amp + 10) * eps
     report = Validation(dtype.name, amp, bound, bound * float(cancellation))
     if warn and report.error_bound > 1e-3:
         warnings.warn(f"kronlik in {dtype.name} on these inputs: {report}. Use float64.", stacklevel=3)

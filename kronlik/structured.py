@@ -18,9 +18,11 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from . import _statespace_core as ss
+from . import _statespace_masked as ss_masked
 from ._checks import as_float_arrays, check_eigh_dtype, prepare, same_dtype
 from ._core import (
     Direction,
@@ -37,7 +39,14 @@ from ._core import (
     solution_tangent,
     solve_in_pencil_basis,
 )
-from ._missing import Missing, extra_terms, masked_forward, observed_problem, predictive_correction
+from ._missing import (
+    Missing,
+    _concrete,
+    extra_terms,
+    masked_forward,
+    observed_problem,
+    predictive_correction,
+)
 from ._noise import FullNoise, LogVarNoise
 from .forms import Dense, Diagonal, EighFactor, LowRank
 from .statespace import StateSpace
@@ -277,9 +286,49 @@ _ss_predict = not_differentiable(
 )
 
 
-def _refuse_statespace_mask(form, mask, max_missing) -> None:
-    if isinstance(form, StateSpace) and (mask is not None or max_missing is not None):
-        raise ValueError("mask= with a StateSpace M is not supported yet; pass M.dense() (O(T³)) for missing entries")
+def _statespace_mask(args, mask, max_missing):
+    """A StateSpace M's mask: None where nothing is missing (concrete all True), else the (T, D) bool.
+
+    The joint-state filter's cost does not depend on the number missing, so ``max_missing`` is
+    checked but not needed (a traced mask is used as it is).
+    """
+    if mask is None:
+        if max_missing is not None:
+            raise ValueError("max_missing is given without a mask")
+        return None
+    concrete = _concrete(mask)
+    mask = jnp.asarray(mask) if concrete is None else concrete
+    if mask.dtype != bool:
+        raise TypeError(f"mask must be a boolean array (True = observed); got dtype {mask.dtype}")
+    if mask.shape != args[0].shape:
+        raise ValueError(f"mask must have the shape of Y, {args[0].shape}; got {mask.shape}")
+    if max_missing is not None and (not isinstance(max_missing, (int, np.integer)) or max_missing < 0):
+        raise ValueError(f"max_missing must be a non-negative int; got {max_missing!r}")
+    if concrete is not None and concrete.all():
+        return None  # the complete-data pencil path: D scalar filters, cheaper than the joint one
+    return jnp.asarray(mask)
+
+
+# With a mask (kronlik._statespace_masked): first derivatives by the joint filter's hand-derived
+# reverse pass; a second derivative raises TypeError.
+_ss_masked_value_and_grads = not_differentiable(
+    ss_masked.value_and_grads, message=_MASKED_ORDER.replace("without a mask it is", "without a mask it is, in O(T)")
+)
+
+
+@jax.custom_jvp
+def _ss_loglik_masked(Y, form, K, noise, mask):
+    return ss_masked.value(Y, form, K, noise, mask)
+
+
+@partial(_ss_loglik_masked.defjvp, symbolic_zeros=True)
+def _ss_loglik_masked_jvp(primals, tangents):
+    value, grads = _ss_masked_value_and_grads(*primals)
+    return value, _pair(grads, tangents[:4])
+
+
+_ss_masked_solve = not_differentiable(ss_masked.solve, message=_MASKED_ORDER.replace("a second", "a derivative"))
+_ss_masked_predict = not_differentiable(ss_masked.predict, message=_MASKED_ORDER.replace("a second", "a derivative"))
 
 
 def loglik(
@@ -341,9 +390,9 @@ def loglik(
 
 
 def _dispatch(args, mask, max_missing, eigh_dtype) -> Array:
-    _refuse_statespace_mask(args[1], mask, max_missing)
     if isinstance(args[1], StateSpace):
-        return _ss_loglik(*args)
+        ss_mask = _statespace_mask(args, mask, max_missing)
+        return _ss_loglik(*args) if ss_mask is None else _ss_loglik_masked(*args, ss_mask)
     obs = observed_problem(args, mask, max_missing)
     if obs.nothing_observed:
         return jnp.zeros((), args[0].dtype)  # the density of no entries
@@ -502,8 +551,7 @@ def _ss_gradients(Y, form, K, noise):
 
 
 def _grads(args, mask, max_missing, eigh_dtype):
-    _refuse_statespace_mask(args[1], mask, max_missing)
-    if isinstance(args[1], StateSpace):
+    if isinstance(args[1], StateSpace) and _statespace_mask(args, mask, max_missing) is None:
         return _ss_gradients(*args)
     if mask is None and max_missing is None:
         return _gradients(*args, eigh_dtype)
@@ -575,9 +623,9 @@ def solve(
     missing ones (then not differentiable: a derivative raises TypeError).
     """
     args, eigh = prepare(Y, M, K, Sigma, FullNoise), check_eigh_dtype(eigh_dtype)
-    _refuse_statespace_mask(args[1], mask, max_missing)
     if isinstance(args[1], StateSpace):
-        return _ss_solve(*args)
+        ss_mask = _statespace_mask(args, mask, max_missing)
+        return _ss_solve(*args) if ss_mask is None else _ss_masked_solve(*args, ss_mask)
     obs = observed_problem(args, mask, max_missing)
     if obs.nothing_observed:
         return jnp.zeros_like(args[0])
@@ -656,9 +704,12 @@ def predict(
             f"got {M_cross.shape} and {m_new_diag.shape}"
         )
     eigh = check_eigh_dtype(eigh_dtype)
-    _refuse_statespace_mask(form, mask, max_missing)
     if isinstance(form, StateSpace):
-        mean, var = _ss_predict(Y, form, K, noise, M_cross, m_new_diag)
+        ss_mask = _statespace_mask((Y, form, K, noise), mask, max_missing)
+        if ss_mask is None:
+            mean, var = _ss_predict(Y, form, K, noise, M_cross, m_new_diag)
+        else:
+            mean, var = _ss_masked_predict(Y, form, K, noise, ss_mask, M_cross, m_new_diag)
         return mean, var + noise.diagonal()[None, :] if include_noise else var
     obs = observed_problem((Y, form, K, noise), mask, max_missing, keep_k=True)
     if obs.nothing_observed:  # the prior

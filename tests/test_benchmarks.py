@@ -119,3 +119,11 @@ def test_statespace_second_order_benchmark_smoke(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["rows"] == rows and [(r["T"], r["D"]) for r in rows] == [(16, 2)]
     assert all(rows[0][f"{name} / value+grad"] > 0 for name in ("hvp θ,Y", "hvp K,s", "hvp all"))
+
+
+def test_statespace_missing_benchmark_smoke(tmp_path):
+    out = tmp_path / "missing.json"
+    argv = ["--sizes", "16x2", "--missing", "0", "0.5", "--extra", "--dense-max-T", "16", "--repeats", "1"]
+    rows = _main("statespace_missing.py")([*argv, "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == rows and [r["missing"] for r in rows] == [0.0, 0.5]
+    assert "pencil value+grad" in rows[0] and all(r["dense relative difference"] < 1e-9 for r in rows)

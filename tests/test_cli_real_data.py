@@ -112,7 +112,7 @@ def test_dates_unsorted_rows_bom_and_forecast(tmp_path, capsys):
     xn = jnp.asarray(t_sorted - fitted["time"]["origin"])
     k = kernels.parse(fitted["kernel"]["spec"])
     mean, var = reference.predict(Yc, M, K, Sigma, k(kp, xn, x), jnp.diagonal(k(kp, xn)) + 1e-6)
-    got = np.array([[float(c) for c in r.split(",")[2:]] for r in rows[1:]])
+    got = np.array([[float(c) for c in r.split(",")[2:-1]] for r in rows[1:]])
     mean, var = np.asarray(mean), np.asarray(var)
     np.testing.assert_allclose(got[:, 0::3], mean + np.asarray(fitted["column_mean"])[None, :], rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(got[:, 1::3], np.sqrt(var), rtol=1e-6)
@@ -314,3 +314,16 @@ def test_kernels_are_valid_covariances():
     k = kernels.parse("matern12 + periodic")
     g = jax.grad(lambda p: jnp.sum(k(p, x)))(k.init_params(0.4, 1.1))
     assert all(np.all(np.isfinite(v)) for v in g.values())
+
+
+def test_predict_at_takes_iso_dates(tmp_path):
+    # Defect: --predict-at with a column of ISO dates was read as numbers first ("is not a number").
+    at = tmp_path / "at.csv"
+    at.write_text("date,note\n2015-01-01,x\n2014-07-01,y\n")
+    table = _fit_command.Table(np.array([2013.0, 2014.0]), np.zeros((2, 1)), ["a"], None, None, "years", True, [])
+    args = argparse.Namespace(forecast=None, predict_at=str(at), time_column="date")
+    new = _fit_command._new_times(args, table)
+    np.testing.assert_allclose(new, [2014.0 + 181 / 365, 2015.0])
+    table = table._replace(dates=False)
+    with pytest.raises(_fit_command.DataError, match="times are dates but the data's are numbers"):
+        _fit_command._new_times(args, table)

@@ -40,10 +40,8 @@ FORMS = {
     ),
 }
 # What a form does not do, each asserted below to be refused with a clear error rather than
-# skipped: second derivatives only in some arguments (none today), StateSpace: no mask= yet,
-# predict not differentiable.
+# skipped: second derivatives only in some arguments (none today), predict not differentiable.
 SECOND_ORDER_ARGNUMS: dict[str, tuple[int, ...]] = {}
-NO_MASK = {"statespace"}
 NO_PREDICT_DERIVATIVE = {"statespace"}
 ALL_ARGNUMS = (0, 1, 2, 3)
 # The fast tier runs value + every gradient for every form; the other entry points of the forms
@@ -331,10 +329,6 @@ def test_missing_entries_in_every_entry_point(form_name, noise_name, dtype):
     Y, M, K, noise = _problem(form_name, noise_name, seed=13)
     low = _cast((jnp.where(MASK, Y, jnp.nan), M, K, noise), dtype)
     fn = kronlik.loglik if noise_name == "Sigma" else kronlik.loglik_diag
-    if form_name in NO_MASK:
-        with pytest.raises(ValueError, match="mask= with a StateSpace M is not supported"):
-            fn(*low, mask=MASK)
-        return
     what = f"{form_name}/{noise_name}/{dtype} masked"
     value, grads = jax.jit(jax.value_and_grad(lambda *a: fn(*a, mask=MASK), argnums=(0, 1, 2, 3)))(*low)
     ref_value, ref_grads = jax.value_and_grad(_reference_loglik(noise_name, MASK), argnums=(0, 1, 2, 3))(Y, M, K, noise)

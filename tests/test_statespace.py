@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import exact_matern32_loglik, max_rel, spd
+from helpers import exact_matern32_loglik, max_rel, plain_joint_filter_loglik, spd
 
 import kronlik
 from kronlik import reference
@@ -45,39 +45,8 @@ def _dense_loglik(Y, M, K, log_var):
 
 
 def _plain_filter_loglik(Y, M, K, log_var):
-    """log N(vec Y; 0, U) by a Kalman filter on the joint state X_i (J, D), autodiff-friendly."""
-    kern = M.kernel
-    order = jnp.argsort(M.times)
-    t, y = M.times[order], Y[order]
-    h = jnp.asarray(kern.observation())
-    p_inf = kern.stationary()
-    Sigma = jnp.diag(jnp.exp(log_var))
-    J = h.shape[0]
-    big_p = jnp.kron(p_inf, 0.5 * (K + K.T))  # Cov(vec X), vec row-major: (J·D)
-    H = jnp.kron(h[None, :], jnp.eye(D))  # y_i = H vec(X_i) + e_i
-
-    def step(carry, inp):
-        m, P, ll = carry
-        dt, y_i = inp
-        A = jnp.kron(kern.transition(dt), jnp.eye(D))
-        m = A @ m
-        P = A @ P @ A.T + (big_p - A @ big_p @ A.T)
-        S = H @ P @ H.T + Sigma
-        S = 0.5 * (S + S.T)  # the Cholesky reads one triangle: keep ∂/∂K symmetric
-        v = y_i - H @ m
-        c = jnp.linalg.cholesky(S)
-        w = jax.scipy.linalg.solve_triangular(c, v, lower=True)
-        gain = jax.scipy.linalg.cho_solve((c, True), H @ P).T
-        m = m + gain @ v
-        P = P - gain @ S @ gain.T
-        ll = ll - jnp.sum(jnp.log(jnp.diagonal(c))) - 0.5 * w @ w - 0.5 * D * jnp.log(2 * jnp.pi)
-        return (m, P, ll), None
-
-    # The first state is drawn from the stationary law: start from (0, P∞) with a zero first gap.
-    dts = jnp.concatenate([jnp.zeros(1), t[1:] - t[:-1]])
-    init = (jnp.zeros(J * D), big_p, jnp.zeros(()))
-    (_, _, ll), _ = jax.lax.scan(step, init, (dts, y))
-    return ll
+    """log N(vec Y; 0, U) by a plain Kalman filter on the joint state (helpers), autodiff-friendly."""
+    return plain_joint_filter_loglik(Y, M, K, jnp.diag(jnp.exp(log_var)))
 
 
 _value_and_grads = jax.jit(jax.value_and_grad(kronlik.loglik_diag, argnums=(0, 1, 2, 3)))
@@ -168,8 +137,12 @@ def test_not_positive_definite_is_nan_never_finite():
 
 def test_refused_with_a_clear_error():
     Y, M, K, s = _problem()
-    with pytest.raises(ValueError, match="mask= with a StateSpace M is not supported"):
-        kronlik.loglik_diag(Y, M, K, s, mask=np.ones((T, D), bool))
+    with pytest.raises(ValueError, match="mask must have the shape of Y"):
+        kronlik.loglik_diag(Y, M, K, s, mask=np.ones((T, D + 1), bool))
+    with pytest.raises(TypeError, match="mask must be a boolean array"):
+        kronlik.loglik_diag(Y, M, K, s, mask=np.ones((T, D)))
+    with pytest.raises(TypeError, match="first derivatives of loglik"):
+        jax.hessian(kronlik.loglik_diag, argnums=3)(Y, M, K, s, mask=np.eye(T, D, dtype=bool))
     with pytest.raises(TypeError, match="third derivative in K or the noise"):
         jax.jacfwd(jax.hessian(kronlik.loglik_diag, argnums=3), argnums=3)(Y, M, K, s)
     with pytest.raises(ValueError, match=r"times of shape \(T,\)"):
