@@ -62,17 +62,22 @@ class SSFactors(NamedTuple):
     pull: object = None
 
 
+def generators_and_pull(form: StateSpace, with_pull: bool) -> tuple[Generators, object]:
+    """The generators and, if asked for, their VJP (Ā, Q̄) ↦ (∂/∂times, ∂/∂kernel) from one evaluation
+    (not twice, as a later ``jax.vjp`` would)."""
+    if not with_pull:
+        return form.generators(), None
+
+    def both(t, k):
+        gg = generators(t, k)
+        return (gg.a, gg.q), gg
+
+    _, pull, g = jax.vjp(both, form.times, form.kernel, has_aux=True)
+    return g, pull
+
+
 def ss_factor(form: StateSpace, K: Array, noise, with_pull: bool = False) -> SSFactors:
-    pull = None
-    if with_pull:  # the generators and their VJP from one evaluation (not twice, as a later vjp would)
-
-        def both(t, k):
-            gg = generators(t, k)
-            return (gg.a, gg.q), gg
-
-        _, pull, g = jax.vjp(both, form.times, form.kernel, has_aux=True)
-    else:
-        g = form.generators()
+    g, pull = generators_and_pull(form, with_pull)
     alpha = jax.lax.stop_gradient(form.variance())
     alpha = jnp.where(alpha > 0, alpha, jnp.ones((), alpha.dtype))
     pencil = _pencil(K, noise, alpha)

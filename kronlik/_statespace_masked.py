@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from ._core import nan_unless
 from ._kalman_joint import JointFiltered, joint_filter, joint_reverse, joint_solve
 from ._noise import LogVarNoise
+from ._statespace_core import generators_and_pull
 from .forms import resolution
-from .statespace import Generators, StateSpace, generators
+from .statespace import Generators, StateSpace
 
 Array = jax.Array
 
@@ -54,16 +55,7 @@ class JointProblem(NamedTuple):
 
 
 def joint_problem(Y, form: StateSpace, K, noise, mask, with_pull: bool = False) -> JointProblem:
-    pull = None
-    if with_pull:
-
-        def both(t, k):
-            gg = generators(t, k)
-            return (gg.a, gg.q), gg
-
-        _, pull, g = jax.vjp(both, form.times, form.kernel, has_aux=True)
-    else:
-        g = form.generators()
+    g, pull = generators_and_pull(form, with_pull)
     obs = mask[g.order]
     ys = Y[g.order]
     y = jnp.where(obs, ys, jnp.zeros((), Y.dtype))

@@ -299,12 +299,8 @@ def _statespace_forward(Y, form, K, noise):
     # smallest innovation variance (a pivot of C_j's block LDLᵀ; prior variance ρ_j + ν_j = 1).
     # λ_max(M) by 30 steps of power iteration, O(T) each.
     T = Y.shape[0]
-    v = jnp.ones((T, 1), Y.dtype)
-    v = jax.lax.fori_loop(0, 30, lambda _, v: (w := matmul_sorted(f.g, v)) / jnp.max(jnp.abs(w)), v)
-    lam_max = jnp.max(jnp.abs(matmul_sorted(f.g, v))) / jnp.max(jnp.abs(v))
+    lam_max, time_scale = _kernel_scales(form, f.g, Y.dtype)
     alpha = form.variance()
-    rate = jnp.max(jnp.abs(jax.jvp(form.kernel.transition, (jnp.zeros((), Y.dtype),), (jnp.ones((), Y.dtype),))[1]))
-    time_scale = 1.0 + jnp.max(jnp.abs(form.times)) * rate
     conditioning = (pencil.rho * lam_max / alpha + pencil.nu) / s.filtered.s_min
     amplification = jnp.max(conditioning) * time_scale
     # The pencil's normwise round-off in K and a full Σ moves ρ_j, ν_j by eps·trace·‖p̃_j‖², and
@@ -325,16 +321,32 @@ def _statespace_forward(Y, form, K, noise):
     return f, s, amplification, pencil_amplification, cancellation
 
 
-def _validate_statespace(Y, form, K, noise, model, named, warn) -> Validation:
-    """validate for a StateSpace M: the same flags as the likelihood's O(T) path, in O(T)."""
-    f, s, amplification, pencil_amplification, cancellation = _statespace_forward(Y, form, K, noise)
-    dtype = Y.dtype
-    T, D = Y.shape
+def _check_kernel(form) -> None:
     if not bool(form.valid()):
         raise ValueError(
             f"the kernel's parameters are not valid: {form.kernel} (amplitudes must be ≥ 0, lengthscales, "
             "frequencies and qualities > 0, all finite)"
         )
+
+
+def _kernel_scales(form, g, dtype) -> tuple[Array, Array]:
+    """(λ_max(M) by 30 steps of power iteration, O(T) each; 1 + max|t|·‖dA/dτ(0)‖, the factor by which
+    the rounding of the times, eps·max|t| against the kernel's fastest rate, enters)."""
+    from ._kalman import matmul_sorted
+
+    v = jnp.ones((form.times.shape[0], 1), dtype)
+    v = jax.lax.fori_loop(0, 30, lambda _, v: (w := matmul_sorted(g, v)) / jnp.max(jnp.abs(w)), v)
+    lam_max = jnp.max(jnp.abs(matmul_sorted(g, v))) / jnp.max(jnp.abs(v))
+    rate = jnp.max(jnp.abs(jax.jvp(form.kernel.transition, (jnp.zeros((), dtype),), (jnp.ones((), dtype),))[1]))
+    return lam_max, 1.0 + jnp.max(jnp.abs(form.times)) * rate
+
+
+def _validate_statespace(Y, form, K, noise, model, named, warn) -> Validation:
+    """validate for a StateSpace M: the same flags as the likelihood's O(T) path, in O(T)."""
+    f, s, amplification, pencil_amplification, cancellation = _statespace_forward(Y, form, K, noise)
+    dtype = Y.dtype
+    T, D = Y.shape
+    _check_kernel(form)
     pencil = f.pencil
     k_low, k_scale = _smallest_eig(named["K"])
     noise_word = "Sigma" if model is FullNoise else "diag(exp(log_var))"
@@ -366,17 +378,12 @@ def _validate_statespace(Y, form, K, noise, model, named, warn) -> Validation:
 
 def _validate_statespace_masked(Y, form, K, noise, model, mask, warn) -> Validation:
     """validate for a StateSpace M with cells missing: the joint-state filter's flags and accuracy."""
-    from ._kalman import matmul_sorted
     from ._kalman_joint import joint_reverse
     from ._statespace_masked import _psd, _run, joint_problem
 
     dtype = Y.dtype
     T, D = Y.shape
-    if not bool(form.valid()):
-        raise ValueError(
-            f"the kernel's parameters are not valid: {form.kernel} (amplitudes must be ≥ 0, lengthscales, "
-            "frequencies and qualities > 0, all finite)"
-        )
+    _check_kernel(form)
     p = joint_problem(Y, form, K, noise, jnp.asarray(mask))
     allowed = psd_tolerance(D, dtype)
     noise_word = "Sigma" if model is FullNoise else "diag(exp(log_var))"
@@ -395,11 +402,7 @@ def _validate_statespace_masked(Y, form, K, noise, model, mask, warn) -> Validat
             )
         raise ValueError(f"the log-likelihood overflows in {dtype.name} (|L| too large to represent)")
     g = p.g
-    v = jnp.ones((T, 1), dtype)
-    v = jax.lax.fori_loop(0, 30, lambda _, v: (w := matmul_sorted(g, v)) / jnp.max(jnp.abs(w)), v)
-    lam_max = jnp.max(jnp.abs(matmul_sorted(g, v))) / jnp.max(jnp.abs(v))
-    rate = jnp.max(jnp.abs(jax.jvp(form.kernel.transition, (jnp.zeros((), dtype),), (jnp.ones((), dtype),))[1]))
-    time_scale = 1.0 + jnp.max(jnp.abs(form.times)) * rate
+    lam_max, time_scale = _kernel_scales(form, g, dtype)
     amp = float(lam_max / form.variance() / f.resolved * time_scale)
     # cancellation in ∂L/∂Σ_dd = ½ (Σ_t W_td² - B_dd): data term against the gradient
     rv = joint_reverse(p.y, p.obs, g.a, g.q, g.h, p.k, p.sigma, f)
