@@ -185,8 +185,10 @@ def _escape_plateaus(value_fn: Callable, params, mask, rtol: float):
         steps[None, :]
     )
     candidates = (flat[None, None, :] + bumps).reshape(-1, flat.size)
-    values = jax.jit(jax.vmap(lambda x: value_fn(unravel(x))))(candidates)
-    current = value_fn(params)
+    # The current point is evaluated in the same compiled program (row 0): an eager call of
+    # value_fn would compile each of its operations on its own (seconds, in every fit).
+    values = jax.jit(jax.vmap(lambda x: value_fn(unravel(x))))(jnp.concatenate([flat[None, :], candidates]))
+    current, values = values[0], values[1:]
     best = jnp.nanargmin(values)
     if not bool(values[best] < current - rtol * jnp.abs(current)):
         return None

@@ -101,6 +101,8 @@ def _problem(form_name, noise_name, seed=0):
     return Y, FORMS[form_name](rng), jnp.asarray(spd(rng, D, 0.1)), NOISE[noise_name](rng)
 
 
+# The references' derivatives are jit-compiled whole: run eagerly, every primitive of a dense
+# Hessian compiles as its own program (3-4x the compile time of the one program).
 def _reference_loglik(noise_name, mask=None):
     def f(Y, M, K, noise):
         return reference.loglik(Y, _dense_of(M), K, _sigma(noise_name, noise), mask=mask)
@@ -217,7 +219,7 @@ def test_fisher_information_in_every_array(form_name, noise_name, dtype):
 
     params = {"M": M, "K": K, "noise": noise}
     got = jax.jit(lambda p: kronlik.fisher_information(cov_fn, p))(_cast(params, dtype))
-    want = reference.fisher_information(cov_fn, params)
+    want = jax.jit(lambda p: reference.fisher_information(cov_fn, p))(params)
     assert got.dtype == dtype
     _assert_close(got, want, TOL[dtype], f"{form_name}/{noise_name}/{dtype} Fisher")
 
@@ -228,9 +230,9 @@ def test_log_var_information(form_name, dtype):
     # of the dense reference.
     Y, M, K, s = _problem(form_name, "log_var", seed=6)
     low = _cast((Y, M, K, s), dtype)
-    fisher = reference.fisher_information(lambda q: (M, K, _sigma("log_var", q)), s)
+    fisher = jax.jit(lambda q: reference.fisher_information(lambda x: (M, K, _sigma("log_var", x)), q))(s)
     _assert_close(jax.jit(kronlik.fisher_log_var)(*low[1:]), fisher, TOL[dtype], "fisher_log_var")
-    hessian = jax.hessian(_reference_loglik("log_var"), argnums=3)(Y, M, K, s)
+    hessian = jax.jit(jax.hessian(_reference_loglik("log_var"), argnums=3))(Y, M, K, s)
     _assert_close(jax.jit(kronlik.hessian_log_var)(*low), hessian, TOL[dtype], "hessian_log_var")
 
 
@@ -247,13 +249,13 @@ def test_second_order_in_every_array(form_name, noise_name, dtype):
     argnums = SECOND_ORDER_ARGNUMS.get(form_name, ALL_ARGNUMS)
     hess = jax.jit(jax.hessian(fn, argnums=argnums))(*low)
     assert all(h.dtype == dtype for h in jax.tree_util.tree_leaves(hess))
-    _assert_close(hess, jax.hessian(ref, argnums=argnums)(*args), TOL2[dtype], f"{what} hessian")
+    _assert_close(hess, jax.jit(jax.hessian(ref, argnums=argnums))(*args), TOL2[dtype], f"{what} hessian")
     for refused in sorted(set(ALL_ARGNUMS) - set(argnums)):
         with pytest.raises(TypeError, match="second derivative"):
             jax.hessian(fn, argnums=refused)(*low)
     tangents = _random_like(args, 8)
     value, tangent = jax.jit(lambda a, t: jax.jvp(fn, a, t))(low, _cast(tangents, dtype))
-    ref_value, ref_tangent = jax.jvp(ref, args, tangents)
+    ref_value, ref_tangent = jax.jit(lambda a, t: jax.jvp(ref, a, t))(args, tangents)
     _assert_close((value, tangent), (ref_value, ref_tangent), TOL[dtype], f"{what} jvp")
 
 
@@ -268,7 +270,7 @@ def test_reverse_over_reverse_in_every_array(form_name, noise_name):
     argnums = SECOND_ORDER_ARGNUMS.get(form_name, ALL_ARGNUMS)
     inner, outer = ((2, 3), (1, 2, 3)) if argnums == ALL_ARGNUMS else ((argnums[-1],), argnums)
     rev_rev = jax.jit(jax.jacrev(jax.grad(fn, argnums=inner), argnums=outer))(*args)
-    want = jax.jacrev(jax.grad(ref, argnums=inner), argnums=outer)(*args)
+    want = jax.jit(jax.jacrev(jax.grad(ref, argnums=inner), argnums=outer))(*args)
     _assert_close(rev_rev, want, TOL2["float64"], f"{form_name}/{noise_name} reverse over reverse")
 
 
