@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         "--method",
         choices=("auto", "dense", "lowrank"),
         default="auto",
-        help="M as a T×T kernel matrix or Nyström low rank (auto: Matérn kernels on complete tables take the "
-        f"exact O(T) state-space path at any T; otherwise dense up to {_DENSE_MAX_ROWS} rows, then low rank)",
+        help="M as a T×T kernel matrix or Nyström low rank (auto: Matérn kernels take the exact O(T) state-space "
+        f"path at any T, missing cells or not; otherwise dense up to {_DENSE_MAX_ROWS} rows, then low rank)",
     )
     fitp.add_argument("--rank", type=int, help=f"inducing points of the low-rank path (default {_DEFAULT_RANK})")
     fitp.add_argument("--steps", type=int, default=500, help="maximum optimizer steps (default 500)")
