@@ -19,7 +19,7 @@ import pytest
 from helpers import rebuild_fit
 
 import kronlik
-from kronlik import _fit_command, kernels, reference
+from kronlik import _fit_command, _fit_model, kernels, reference
 from kronlik.__main__ import main
 
 
@@ -329,3 +329,19 @@ def test_predict_at_takes_iso_dates(tmp_path):
     table = table._replace(dates=False)
     with pytest.raises(_fit_command.DataError, match="times are dates but the data's are numbers"):
         _fit_command._new_times(args, table)
+
+
+def test_start_lengthscale_is_the_best_of_a_decade_grid(capsys):
+    # A loss whose minimum is at a hundredth of the default start: that start is taken and said;
+    # the grid stops at ten times the median spacing of the times.
+    t = np.arange(10_000.0)
+    p0 = {"log_lengthscale": jnp.full(2, np.log(1_000.0)), "log_var": jnp.zeros(3)}
+
+    def loss(p):
+        return jnp.sum((p["log_lengthscale"] - np.log(10.0)) ** 2) + jnp.sum(p["log_var"] ** 2)
+
+    best = _fit_model._best_start(loss, p0, span=10_000.0, t=t)
+    assert np.allclose(best["log_lengthscale"], np.log(10.0)) and best["log_var"] is p0["log_var"]
+    assert "starting lengthscales: 0.01 × a tenth of the time span (the best of 3 by L)" in capsys.readouterr().err
+    # spacing 100: only the default start is allowed (a hundredth would be below 10 spacings)
+    assert _fit_model._best_start(loss, p0, span=10_000.0, t=t * 100.0) is p0
