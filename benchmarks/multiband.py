@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import kronlik  # noqa: E402
-from benchmarks.statespace_missing import _median_time  # noqa: E402
+from benchmarks.statespace_missing import _median_time, write_json  # noqa: E402
 from kronlik.statespace import Matern32  # noqa: E402
 
 
@@ -109,8 +109,7 @@ def main(argv=None) -> list[dict]:
         T, D, f = point.split("x")
         rows.append(bench(int(T), int(D), float(f), a.repeats))
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows}, fh, indent=1)
+        write_json(a.json, rows)
     return rows
 
 

@@ -117,9 +117,14 @@ def main(argv=None) -> list[dict]:
         T, D, f = point.split("x")
         rows.append(bench(int(T), int(D), float(f), a.repeats, a.dense_max_T))
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows}, fh, indent=1)
+        write_json(a.json, rows)
     return rows
+
+
+def write_json(path: str, rows: list[dict]) -> None:
+    """The rows and the XLA flags they were measured under (one thread or not)."""
+    with open(path, "w") as fh:
+        json.dump({"xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":
