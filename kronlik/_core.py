@@ -193,7 +193,21 @@ class DataTerms(NamedTuple):
     r: Array  # (n, T, D) unvec(q_k) P
 
 
-def backward(f: Factors, s: Solved, g: Array, extra: DataTerms | None = None) -> Cotangents:
+class PencilColumnTerms(NamedTuple):
+    """Data terms that each live on one column of the pencil basis: n·D terms held in n arrays.
+
+    Term (k, j) is column j of ``a[k]`` (and of ``a_perp[k]``, ``r[k]``) with the other columns
+    zero, so Σ_terms AᵀA and AᵀΛA are diagonal; R diag(κ) Rᵀ sums over columns anyway, so the
+    form's cotangent takes ``r`` and ``a`` as they are. GLS with the trait design I_D gives such
+    terms (:func:`kronlik._gls.profile`): D·c terms in c·T·D numbers.
+    """
+
+    a: Array  # (n, r, D)
+    a_perp: Array | None  # (n, T, D)
+    r: Array  # (n, T, D)
+
+
+def backward(f: Factors, s: Solved, g: Array, extra: DataTerms | PencilColumnTerms | None = None) -> Cotangents:
     """The hand-derived cotangents of L (module docstring); NaN everywhere unless ``s.ok``."""
     g = jnp.where(s.ok, g, jnp.nan)  # never a finite gradient of a NaN value
     p, lam, kappa, nu = f.pencil.p, f.basis.lam, f.pencil.kappa, f.pencil.nu
@@ -209,10 +223,17 @@ def backward(f: Factors, s: Solved, g: Array, extra: DataTerms | None = None) ->
     r_all, a_all, kappa_all = r, s.a, kappa
     if extra is not None:
         n, T, D = extra.r.shape
-        rtr = rtr + jnp.einsum("nrj,nrk->jk", extra.a, extra.a)
-        if extra.a_perp is not None:
-            rtr = rtr + jnp.einsum("ntj,ntk->jk", extra.a_perp, extra.a_perp)
-        lam_gram = lam_gram + jnp.einsum("nrj,r,nrk->jk", extra.a, lam, extra.a)
+        if isinstance(extra, PencilColumnTerms):
+            sq_sum = jnp.einsum("nrj,nrj->j", extra.a, extra.a)
+            if extra.a_perp is not None:
+                sq_sum = sq_sum + jnp.einsum("ntj,ntj->j", extra.a_perp, extra.a_perp)
+            rtr = rtr + jnp.diag(sq_sum)
+            lam_gram = lam_gram + jnp.diag(jnp.einsum("nrj,r,nrj->j", extra.a, lam, extra.a))
+        else:
+            rtr = rtr + jnp.einsum("nrj,nrk->jk", extra.a, extra.a)
+            if extra.a_perp is not None:
+                rtr = rtr + jnp.einsum("ntj,ntk->jk", extra.a_perp, extra.a_perp)
+            lam_gram = lam_gram + jnp.einsum("nrj,r,nrk->jk", extra.a, lam, extra.a)
         # Every form uses R and A only through R diag(κ) Rᵀ and A diag(κ) Aᵀ: side by side.
         r_all = jnp.concatenate([r, jnp.transpose(extra.r, (1, 0, 2)).reshape(T, n * D)], axis=1)
         a_all = jnp.concatenate([s.a, jnp.transpose(extra.a, (1, 0, 2)).reshape(-1, n * D)], axis=1)

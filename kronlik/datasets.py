@@ -148,7 +148,7 @@ class SimulatedTraits(NamedTuple):
     """A simulated multi-trait mixed-model data set (:func:`simulate_traits`), numpy float64."""
 
     Y: np.ndarray  # (T, D) traits
-    kinship: np.ndarray  # (T, T) M = Z Zᵀ / m from m standardised SNPs
+    kinship: np.ndarray | None  # (T, T) M = Z Zᵀ / m from m standardised SNPs; None with low_rank=True
     covariates: np.ndarray  # (T, 2) [1, x]
     genotypes: np.ndarray  # (T, n_scan) 0/1/2 allele counts for an association scan
     K: np.ndarray  # (D, D) true genetic covariance
@@ -158,6 +158,7 @@ class SimulatedTraits(NamedTuple):
     effects: np.ndarray  # (len(causal), D) their effects
     # (D,) the heritability a kinship model sees: m̄ K_dd / (m̄ K_dd + Σ_dd + Σ_k effects_kd²)
     h2_effective: np.ndarray
+    kinship_factor: np.ndarray | None = None  # (T, m) Z / √m with low_rank=True (M = its Gram), else None
 
 
 def _standardise(G: np.ndarray) -> np.ndarray:
@@ -166,7 +167,14 @@ def _standardise(G: np.ndarray) -> np.ndarray:
 
 
 def simulate_traits(
-    T: int = 300, D: int = 3, n_snps: int = 500, n_scan: int = 1000, h2: float = 0.6, seed: int = 0
+    T: int = 300,
+    D: int = 3,
+    n_snps: int = 500,
+    n_scan: int = 1000,
+    h2: float = 0.6,
+    seed: int = 0,
+    *,
+    low_rank: bool = False,
 ) -> SimulatedTraits:
     """Simulate Y ~ N(F B, M ⊗ K + I ⊗ Σ) with a kinship from genotypes, as a geneticist would test.
 
@@ -183,6 +191,10 @@ def simulate_traits(
     it estimates is ``h2_effective`` = m̄ K_dd / (m̄ K_dd + Σ_dd + Σ_k β_kd²), about
     h2 / 1.19 on average (0.6 → about 0.5), not ``h2``. Compare a fitted ĥ² with
     ``h2_effective``.
+
+    ``low_rank=True`` (for T in the tens of thousands) never forms M: it returns the factor
+    Z/√m as ``kinship_factor`` (``kronlik.LowRank`` of it is M) and ``kinship=None``, and draws
+    the genetic values as Z W/√m with W's m rows N(0, K) (the same distribution, another draw).
     """
     rng = np.random.default_rng(seed)
 
@@ -194,8 +206,8 @@ def simulate_traits(
         return G
 
     Z = _standardise(genotypes(n_snps))
-    M = Z @ Z.T / n_snps
-    m_bar = float(np.mean(np.diag(M)))
+    M = None if low_rank else Z @ Z.T / n_snps
+    m_bar = float(np.mean(np.sum(Z * Z, axis=1)) / n_snps if low_rank else np.mean(np.diag(M)))
     idx = np.arange(D)
     gap = np.abs(idx[:, None] - idx[None, :])
     first = np.minimum(idx[:, None], idx[None, :])
@@ -208,9 +220,12 @@ def simulate_traits(
     Sigma = sd_e[:, None] * r_e * sd_e[None, :]
     F = np.column_stack([np.ones(T), rng.normal(size=T)])
     B = np.vstack([np.linspace(1.0, -1.0, D), np.linspace(0.5, 0.2, D)])
-    w, v = np.linalg.eigh(M)
-    root = v * np.sqrt(np.clip(w, 0, None))
-    genetic = root @ rng.normal(size=(T, D)) @ np.linalg.cholesky(K).T
+    if low_rank:
+        genetic = Z @ (rng.normal(size=(n_snps, D)) / np.sqrt(n_snps)) @ np.linalg.cholesky(K).T
+    else:
+        w, v = np.linalg.eigh(M)
+        root = v * np.sqrt(np.clip(w, 0, None))
+        genetic = root @ rng.normal(size=(T, D)) @ np.linalg.cholesky(K).T
     noise = rng.normal(size=(T, D)) @ np.linalg.cholesky(Sigma).T
     scan = genotypes(n_scan)
     causal = np.sort(rng.choice(n_scan, size=min(3, n_scan), replace=False))
@@ -218,4 +233,5 @@ def simulate_traits(
     Y = F @ B + genetic + noise + _standardise(scan[:, causal]) @ effects
     polygenic = m_bar * np.diag(K)
     h2_effective = polygenic / (polygenic + np.diag(Sigma) + np.sum(effects * effects, axis=0))
-    return SimulatedTraits(Y, M, F, scan, K, Sigma, B, causal, effects, h2_effective)
+    factor = Z / np.sqrt(n_snps) if low_rank else None
+    return SimulatedTraits(Y, M, F, scan, K, Sigma, B, causal, effects, h2_effective, factor)

@@ -276,10 +276,12 @@ def mixed_design(terms) -> Array:
     return jnp.concatenate([jnp.kron(F, A) for F, A in terms], axis=1)
 
 
-def _mixed_pieces(Y, M, K, Sigma, terms):
+def _mixed_pieces(Y, M, K, Sigma, terms, obs=None):
     U = _dense_covariance(M, K, Sigma)
     X = mixed_design(terms)
     y = Y.reshape(-1)
+    if obs is not None:  # the observed cells only: U_oo, X_o, y_o
+        U, X, y = U[obs][:, obs], X[obs], y[obs]
     chol = jnp.linalg.cholesky(U)
     ui_x = cho_solve((chol, True), X)
     info = X.T @ ui_x
@@ -290,14 +292,23 @@ def _mixed_pieces(Y, M, K, Sigma, terms):
     return U, X, chol, info, b, quad, logdet_u
 
 
-@partial(jax.jit, static_argnames=("method",))
-def loglik_mixed(Y, M, K, Sigma, terms, method: str = "reml") -> Array:
+def _observed_or_none(mask):
+    return None if mask is None else jnp.asarray(observed(mask))
+
+
+def loglik_mixed(Y, M, K, Sigma, terms, method: str = "reml", mask=None) -> Array:
     """The ML / REML (Harville) / REML (LaMotte) value of vec(Y) ~ N(X vec B, U), B profiled out, densely.
 
     ``terms`` is a sequence of (F, A) pairs (X = [F ⊗ A, ...]); differentiable by ``jax.grad``
     in Y, M, K and Σ (B̂ = (XᵀU⁻¹X)⁻¹XᵀU⁻¹y is differentiated through, no envelope argument).
+    A concrete boolean ``mask`` (True = observed) keeps the observed cells: U_oo, X_o, y_o.
     """
-    U, X, chol, info, b, quad, logdet_u = _mixed_pieces(Y, M, K, Sigma, terms)
+    return _loglik_mixed(Y, M, K, Sigma, terms, _observed_or_none(mask), method)
+
+
+@partial(jax.jit, static_argnames=("method",))
+def _loglik_mixed(Y, M, K, Sigma, terms, obs, method: str) -> Array:
+    U, X, chol, info, b, quad, logdet_u = _mixed_pieces(Y, M, K, Sigma, terms, obs)
     n, q = X.shape
     if method == "ml":
         return -0.5 * (n * math.log(2 * math.pi) + logdet_u + quad)
@@ -307,22 +318,33 @@ def loglik_mixed(Y, M, K, Sigma, terms, method: str = "reml") -> Array:
     return value
 
 
+def gls(Y, M, K, Sigma, terms, mask=None) -> tuple[Array, Array]:
+    """(B̂ stacked as in X's columns (q,), (XᵀU⁻¹X)⁻¹ (q, q)), densely (observed cells of ``mask``)."""
+    return _gls(Y, M, K, Sigma, terms, _observed_or_none(mask))
+
+
 @jax.jit
-def gls(Y, M, K, Sigma, terms) -> tuple[Array, Array]:
-    """(B̂ stacked as in X's columns (q,), (XᵀU⁻¹X)⁻¹ (q, q)), densely."""
-    _, _, _, info, b, _, _ = _mixed_pieces(Y, M, K, Sigma, terms)
+def _gls(Y, M, K, Sigma, terms, obs):
+    _, _, _, info, b, _, _ = _mixed_pieces(Y, M, K, Sigma, terms, obs)
     return b, jnp.linalg.inv(info)
 
 
+def information_mixed(M, K, Sigma, terms, method: str = "reml", mask=None) -> Array:
+    """½ tr(P ∂ᵢU P ∂ⱼU) over θ = (vech K, vech Σ) (P = U⁻¹ for ML, U⁻¹ - U⁻¹X(XᵀU⁻¹X)⁻¹XᵀU⁻¹ for
+    REML), densely; with a ``mask``, U_oo and X_o of the observed cells."""
+    return _information_mixed(M, K, Sigma, terms, _observed_or_none(mask), method)
+
+
 @partial(jax.jit, static_argnames=("method",))
-def information_mixed(M, K, Sigma, terms, method: str = "reml") -> Array:
-    """½ tr(P ∂ᵢU P ∂ⱼU) over θ = (vech K, vech Σ) (P = U⁻¹ for ML, U⁻¹ - U⁻¹X(XᵀU⁻¹X)⁻¹XᵀU⁻¹ for REML)."""
+def _information_mixed(M, K, Sigma, terms, obs, method: str) -> Array:
     T, D = M.shape[0], K.shape[0]
     U = _dense_covariance(M, K, Sigma)
+    X = mixed_design(terms)
+    if obs is not None:
+        U, X = U[obs][:, obs], X[obs]
     ui = jnp.linalg.inv(U)
     P = ui
     if method != "ml":
-        X = mixed_design(terms)
         P = ui - ui @ X @ jnp.linalg.solve(X.T @ ui @ X, X.T @ ui)
     rows, cols = np.tril_indices(D)
     dirs = []
@@ -331,18 +353,20 @@ def information_mixed(M, K, Sigma, terms, method: str = "reml") -> Array:
             E = np.zeros((D, D))
             E[a, b] = E[b, a] = 1.0
             E = jnp.asarray(E, M.dtype)
-            dirs.append(jnp.kron(M, E) if part == 0 else jnp.kron(jnp.eye(T, dtype=M.dtype), E))
+            d = jnp.kron(M, E) if part == 0 else jnp.kron(jnp.eye(T, dtype=M.dtype), E)
+            dirs.append(d if obs is None else d[obs][:, obs])
     pd = [P @ d for d in dirs]
     return 0.5 * jnp.array([[jnp.sum(a * b.T) for b in pd] for a in pd])
 
 
-def scan_mixed(Y, M, K, Sigma, terms, G, design) -> tuple[Array, Array, Array]:
+def scan_mixed(Y, M, K, Sigma, terms, G, design, mask=None) -> tuple[Array, Array, Array]:
     """Per variant g (column of G): the GLS effect of g ⊗ ``design`` beside ``terms`` with U fixed,
-    its covariance, and the Wald χ² β̂ᵀ Cov⁻¹ β̂; returns (chi2 (m,), effects (m, a), se (m, a))."""
+    its covariance, and the Wald χ² β̂ᵀ Cov⁻¹ β̂; returns (chi2 (m,), effects (m, a), se (m, a)).
+    With a ``mask``, on the observed cells (U_oo, X_o)."""
     chi2, eff, se = [], [], []
     a = design.shape[1]
     for g in np.asarray(G).T:
-        b, cov = gls(Y, M, K, Sigma, (*terms, (jnp.asarray(g)[:, None], design)))
+        b, cov = gls(Y, M, K, Sigma, (*terms, (jnp.asarray(g)[:, None], design)), mask=mask)
         bg, cg = b[-a:], cov[-a:, -a:]
         chi2.append(bg @ jnp.linalg.solve(cg, bg))
         eff.append(bg)

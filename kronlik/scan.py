@@ -91,7 +91,7 @@ _score_batch_jit = jax.jit(_score_batch)
 def _null(prob, K, Sigma, *, method):
     """The null model's factors and whitened GLS, compiled once per shape."""
     f = factor(prob.form, K, FullNoise(Sigma), None)
-    return f, profile(f, prob.Y, prob.terms, method)
+    return f, profile(f, prob.Y, prob.terms, method, False, prob.cells)
 
 
 def scan(
@@ -122,7 +122,8 @@ def scan(
         raise ValueError(f"test must be 'score', 'wald' or 'lrt'; got {test!r}")
     prob = fit.problem
     Y = prob.Y
-    T, D = Y.shape
+    D = Y.shape[1]
+    T = prob.num_individuals()  # the caller's rows (the fit may have dropped never-observed ones)
     G = jnp.asarray(G)
     if G.ndim != 2 or G.shape[0] != T:
         raise ValueError(f"G must have shape (T, m) = ({T}, m) to match the fit's {T} rows; got {G.shape}")
@@ -169,11 +170,10 @@ def _lrt(fit: MixedFit, G: Array, A_g: Array, progress: bool) -> ScanResult:
         alt = _maximise(alt_prob, null.params, {}, 1e-8, method=ML, build=_build_free, num_steps=500)
         K, S = _build_free(alt.params, {})
         f = factor(alt_prob.form, K, FullNoise(S), None)
-        prof = profile(f, alt_prob.Y, alt_prob.terms, ML)
-        r_inv = jax.scipy.linalg.solve_triangular(prof.r, jnp.eye(prof.r.shape[0], dtype=K.dtype), lower=False)
+        prof = profile(f, alt_prob.Y, alt_prob.terms, ML, False, alt_prob.cells)
         chi2.append(jnp.maximum(2.0 * (alt.loglik - null.loglik), 0.0))
         effect.append(prof.b[-a:])
-        se.append(jnp.sqrt(jnp.sum(r_inv[-a:] ** 2, axis=1)))
+        se.append(jnp.sqrt(jnp.diagonal(prof.b_cov)[-a:]))
         if progress and time.perf_counter() - last > 5.0:
             print(f"kronlik scan (lrt): {k + 1}/{G.shape[1]} variants", file=sys.stderr, flush=True)
             last = time.perf_counter()

@@ -94,6 +94,20 @@ def test_mixed_benchmark_smoke():
     assert result["scan"]["max_rel_chi2_difference"] < 1e-8
 
 
+def test_mixed_many_benchmark_smoke(tmp_path):
+    small = ["--T", "40", "--D", "3", "--n-snps", "40", "--T-missing", "30", "--D-missing", "2"]
+    small += ["--T-big", "60", "--D-big", "2", "--n-big", "20", "--json", str(tmp_path / "m.json")]
+    result = _main("mixed_many.py")(small)
+    assert result["many"]["split_vs_joint"] < 1e-10 and result["many"]["fit"]["converged"]
+    assert result["missing"]["missing_cells"] > 0 and result["big"]["fit"]["steps"] > 0
+    assert json.loads((tmp_path / "m.json").read_text())["many"]["T"] == 40
+
+
+def test_plink_cli_benchmark_smoke(tmp_path):
+    result = _main("plink_cli.py")(["--T", "40", "--variants", "50", "--batch-size", "16"])
+    assert result["loglik_rel_diff"] < 1e-8 and result["chi2_max_rel_diff"] < 1e-4
+
+
 def test_statespace_benchmark_smoke(tmp_path, capsys):
     import importlib.util
 

@@ -64,9 +64,35 @@ def test_user_files_and_scan_table(files, capsys):
     assert "heritability" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_empty_cells_are_missing_phenotypes(files, capsys):
+    """Empty cells: the exact fit of the observed cells; a row with no trait is dropped."""
+    d, sim = files
+    Y = sim.Y.copy()
+    rng = np.random.default_rng(6)
+    Y[rng.random(Y.shape) < 0.15] = np.nan
+    Y[7] = np.nan  # nothing observed: dropped
+    cell = lambda x: "" if np.isnan(x) else f"{x:.17g}"  # noqa: E731
+    (d / "gappy.csv").write_text("height,weight\n" + "\n".join(f"{cell(a)},{cell(b)}" for a, b in Y) + "\n")
+    args = ["mixed", "--pheno", str(d / "gappy.csv"), "--kinship", str(d / "kin.npy"), "--covariates"]
+    args += [str(d / "cov.csv"), "--scan", str(d / "scan.npy"), "--scan-out", str(d / "gappy_scan.csv")]
+    assert main([*args, "--out", str(d / "gappy.json")]) == 0
+    err = capsys.readouterr().err
+    keep = np.arange(60) != 7
+    mask = ~np.isnan(Y[keep])
+    assert f"{int((~mask).sum())} missing phenotypes" in err and "1 individuals with no observed trait dropped" in err
+    fit = kronlik.fit_mixed(Y[keep], sim.kinship[np.ix_(keep, keep)], sim.covariates[keep], mask=mask)
+    saved = json.loads((d / "gappy.json").read_text())
+    assert abs(saved["loglik"] - float(fit.loglik)) < 1e-6 * abs(float(fit.loglik))
+    assert saved["missing_phenotypes"] == int((~mask).sum()) and saved["dropped_individuals"] == 1
+    want = kronlik.scan(fit, sim.genotypes[keep])
+    table = np.loadtxt(d / "gappy_scan.csv", delimiter=",", skiprows=1)
+    assert max_rel(table[:, 1], want.chi2) < 1e-6
+
+
 def _bad(d, sim):
     nan_pheno = d / "nan.csv"
-    nan_pheno.write_text("a,b\n" + "\n".join(("," if i == 3 else f"{y[0]},{y[1]}") for i, y in enumerate(sim.Y)))
+    nan_pheno.write_text("a,b\n" + "\n".join(f"{y[0]}," for y in sim.Y))  # trait b never observed
     np.save(d / "kin_small.npy", sim.kinship[:10, :10])
     (d / "const.csv").write_text("c\n" + "1\n" * 60)
     scan_nan = sim.genotypes.copy()
@@ -76,7 +102,7 @@ def _bad(d, sim):
     return {
         "no such file": ["--pheno", str(d / "none.csv"), "--kinship", k],
         "exactly one of --kinship": ["--pheno", p],
-        "is missing": ["--pheno", str(nan_pheno), "--kinship", k],
+        "\\['b'\\] have no observed value": ["--pheno", str(nan_pheno), "--kinship", k],
         "must be \\(60, 60\\)": ["--pheno", p, "--kinship", str(d / "kin_small.npy")],
         "linearly dependent": ["--pheno", p, "--kinship", k, "--covariates", str(d / "const.csv")],
         "non-finite": ["--pheno", p, "--kinship", k, "--scan", str(d / "scan_nan.npy")],
