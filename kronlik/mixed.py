@@ -566,6 +566,9 @@ def _start(prob: Problem, method: str, split: bool = False) -> tuple[Array, Arra
 # Fisher scoring stops when a step would gain at most this much log-likelihood; L-BFGS then
 # applies fit_mixed's own gradient test (and usually finds it met).
 _SCORING_GAIN = 1e-9
+# From this many traits on, fit_mixed scores first: L-BFGS alone needs ~100 steps at D = 50 but
+# 10-35 at D ≤ 4, where scoring would only add its compilation (about as long as the fit).
+_SCORING_TRAITS = 5
 _SHORTEST_STEP = 1.0 / 32
 
 
@@ -780,9 +783,10 @@ def fit_mixed(
 
     M is eigendecomposed once and Y, F rotated once (a :class:`~kronlik.LowRank` M, e.g.
     standardised genotypes / √m, keeps its O(T r) form). The start: per-trait REML fits of h² on
-    a grid, joined by the residual correlations. Then Fisher scoring in the pencil's coordinates,
-    where the expected information is a 2×2 block per pair of traits (O(D³) a step on top of one
-    value + gradient; it stops when a step would gain ≤ 1e-9 in L, in 10-20 steps at D = 50),
+    a grid, joined by the residual correlations. From D = 5 traits on, Fisher scoring in the
+    pencil's coordinates, where the expected information is a 2×2 block per pair of traits (O(D³)
+    a step on top of one value + gradient; it stops when a step would gain ≤ 1e-9 in L, in 10-20
+    steps at D = 50),
     and L-BFGS (optax) on K's and Σ's Cholesky factors with log-diagonals (both stay positive
     definite) to the gradient test below, which after scoring usually holds at once. With
     A = I_D (the default) the GLS splits over the pencil's D columns, so a value + gradient costs
@@ -824,11 +828,13 @@ def fit_mixed(
         filled = jnp.where(jnp.asarray(mask), Y_obs, jnp.nanmean(Y_obs, axis=0)[None, :])
         complete = prob._replace(Y=prob.rotate(filled), cells=None)
         K0, S0 = _start(complete, method=method, split=separable(prob.terms))
-    gain_tol = jnp.asarray(_SCORING_GAIN, prob.Y.dtype)
-    scored = _fisher_scoring(prob, K0, S0, gain_tol, method=method, split=split, num_steps=min(50, num_steps))
-    n_scored = int(scored.num_steps)
-    if n_scored and bool(jnp.isfinite(scored.loglik)):
-        K0, S0 = scored.K, scored.Sigma
+    n_scored = 0
+    if prob.Y.shape[1] >= _SCORING_TRAITS:
+        gain_tol = jnp.asarray(_SCORING_GAIN, prob.Y.dtype)
+        scored = _fisher_scoring(prob, K0, S0, gain_tol, method=method, split=split, num_steps=min(50, num_steps))
+        n_scored = int(scored.num_steps)
+        if n_scored and bool(jnp.isfinite(scored.loglik)):
+            K0, S0 = scored.K, scored.Sigma
     start = {"k": _cholesky_params(K0), "s": _cholesky_params(S0)}
     run = _maximise(prob, start, {}, tol, method=method, build=_build_free, num_steps=max(num_steps - n_scored, 1))
     run = run._replace(num_steps=run.num_steps + n_scored)

