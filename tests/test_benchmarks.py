@@ -104,11 +104,6 @@ def test_mixed_many_benchmark_smoke(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["many"]["D"] == 5
 
 
-def test_plink_cli_benchmark_smoke(tmp_path):
-    result = _main("plink_cli.py")(["--T", "40", "--variants", "50", "--batch-size", "16"])
-    assert result["loglik_rel_diff"] < 1e-8 and result["chi2_max_rel_diff"] < 1e-4
-
-
 def test_statespace_benchmark_smoke(tmp_path, capsys):
     import importlib.util
 
