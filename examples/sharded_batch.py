@@ -11,8 +11,8 @@
 Both scale the same way to several GPUs or hosts: start each process with
 ``jax.distributed.initialize()``, build the mesh over ``jax.devices()`` (all hosts), and feed
 each host its slice of the batch (``jax.make_array_from_process_local_data``). What does not
-shard is a single huge problem: one ``eigh`` of one T×T M runs on one device (use
-``kronlik.LowRank`` when M = GGᵀ with few columns).
+shard is a single huge dense problem: one ``eigh`` of one T×T M runs on one device (when
+M = GGᵀ, ``kronlik.ShardedLowRank`` splits G's rows over the devices instead).
 
 Run on CPU as 4 devices:
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python examples/sharded_batch.py

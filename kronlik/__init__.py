@@ -8,7 +8,8 @@ the noise models in ``kronlik._noise`` and missing entries in ``kronlik._missing
 exact references in :mod:`kronlik.reference`, information matrices in :mod:`kronlik.information`,
 fitting in :mod:`kronlik.fitting` (the command line's model in ``kronlik._fit_model``), and
 multi-trait mixed models (covariates, ML/REML, heritability, association scans) in
-:mod:`kronlik.mixed` and :mod:`kronlik.scan`.
+:mod:`kronlik.mixed` and :mod:`kronlik.scan`, and M = G Gᵀ with G sharded by rows over devices in
+:mod:`kronlik.sharding`.
 """
 
 from . import datasets, kernels, reference, statespace
@@ -31,6 +32,7 @@ from .mixed import (
     loglik_mixed,
 )
 from .scan import ScanResult, scan
+from .sharding import ShardedLowRank, row_mesh, shard_rows
 from .statespace import StateSpace
 from .structured import (
     factorize,
@@ -49,6 +51,7 @@ __all__ = [
     "Diagonal",
     "MixedFit",
     "ScanResult",
+    "ShardedLowRank",
     "StateSpace",
     "EighFactor",
     "FitResult",
@@ -68,6 +71,7 @@ __all__ = [
     "information_mixed",
     "loglik_mixed",
     "scan",
+    "shard_rows",
     "statespace",
     "factorize",
     "fit",
@@ -84,6 +88,7 @@ __all__ = [
     "predict",
     "psd_tolerance",
     "reference",
+    "row_mesh",
     "solve",
     "validate",
 ]

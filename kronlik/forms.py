@@ -346,11 +346,13 @@ class Diagonal(NamedTuple):
         return Diagonal(self.values[rows])
 
 
+from .sharding import ShardedLowRank  # noqa: E402  (it builds on LowRank and Basis above)
 from .statespace import StateSpace  # noqa: E402  (it uses psd_tolerance above, lazily)
 
-FORMS = (Dense, EighFactor, LowRank, Diagonal, StateSpace)
+FORMS = (Dense, EighFactor, LowRank, Diagonal, StateSpace, ShardedLowRank)
+LOW_RANK_FORMS = (LowRank, ShardedLowRank)  # M = G Gᵀ: a thin basis of span(G)
 
 
-def as_form(M) -> Dense | EighFactor | LowRank | Diagonal | StateSpace:
+def as_form(M) -> Dense | EighFactor | LowRank | Diagonal | StateSpace | ShardedLowRank:
     """A registered form as is; anything else is taken as a dense (T, T) array."""
     return M if isinstance(M, FORMS) else Dense(jnp.asarray(M))

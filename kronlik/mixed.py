@@ -32,8 +32,9 @@ from ._checks import as_float_arrays, check_eigh_dtype, prepare, same_dtype
 from ._core import backward, factor, noise_weights, not_differentiable
 from ._gls import LAMOTTE, METHODS, ML, Cells, profile, reml_information_correction, separable, split_information
 from ._noise import FullNoise
-from .forms import Dense, Diagonal, EighFactor, LowRank, as_form
+from .forms import LOW_RANK_FORMS, Dense, Diagonal, EighFactor, as_form
 from .information import _fisher_in_basis
+from .sharding import host_array
 from .statespace import StateSpace
 from .structured import MForm, _moving, _pair, factorize
 
@@ -364,7 +365,7 @@ def _rows(M) -> int:
     form = as_form(M)
     if isinstance(form, Diagonal):
         return form.values.shape[0]
-    if isinstance(form, LowRank):
+    if isinstance(form, LOW_RANK_FORMS):
         return form.factor.shape[0]
     if isinstance(form, EighFactor):
         return form.vectors.shape[0]
@@ -375,7 +376,7 @@ def mean_diagonal(form) -> Array:
     """m̄ = tr(M)/T for any form of M."""
     if isinstance(form, Diagonal):
         return jnp.mean(form.values)
-    if isinstance(form, LowRank):
+    if isinstance(form, LOW_RANK_FORMS):
         return jnp.sum(form.factor * form.factor) / form.factor.shape[0]
     if isinstance(form, EighFactor):
         return jnp.sum(form.values) / form.vectors.shape[0]
@@ -477,7 +478,7 @@ def make_problem(Y, M, F, A, mask=None) -> Problem:
     m_bar = mean_diagonal(form)
     lamotte = _lamotte_constant(terms, mask if cells is not None else None)
     kept = {} if rows is None else {"rows": rows, "total": total}
-    if isinstance(form, LowRank):  # its thin SVD once, not at every step: O(T r²) → O(T r D) a step
+    if isinstance(form, LOW_RANK_FORMS):  # its thin SVD once, not at every step: O(T r²) → O(T r D) a step
         basis = form.eigenbasis()
         return Problem(Y, ThinBasis(basis), terms, None, m_bar, lamotte, cells, **kept)
     if isinstance(form, Diagonal):
@@ -858,9 +859,10 @@ def _summary(prob: Problem, K: Array, S: Array, *, method: str, split: bool) -> 
 
 def _check_traits(Y, mask) -> None:
     """Y finite where observed; NaN without a mask is answered by how to pass one."""
-    Y = np.asarray(Y)
+    # reduced on the devices: Y may be sharded over processes (kronlik.sharding), so never fetched whole
+    Y = jnp.asarray(Y)
     seen = np.ones(Y.shape, bool) if mask is None else np.asarray(mask, bool)
-    if Y.shape == seen.shape and not np.all(np.isfinite(Y[seen])):
+    if Y.shape == seen.shape and not bool(jnp.all(jnp.isfinite(Y) | ~jnp.asarray(seen))):
         if mask is None:
             raise ValueError(
                 "Y has missing or non-finite entries: pass mask=~jnp.isnan(Y) (True = observed) to fit "
@@ -875,7 +877,7 @@ def _check_concrete(prob: Problem) -> None:
         raise ValueError("Y has non-finite entries")
     for F, A in prob.terms:
         for name, x in (("covariates F", F), ("trait design A", A)):
-            x = np.asarray(x, np.float64)
+            x = host_array(x).astype(np.float64)
             if not np.all(np.isfinite(x)):
                 raise ValueError(f"{name} has non-finite entries")
             if np.linalg.matrix_rank(x) < x.shape[1]:

@@ -137,3 +137,12 @@ def test_statespace_missing_benchmark_smoke(tmp_path):
     rows = _main("statespace_missing.py")([*argv, "--json", str(out)])
     assert json.loads(out.read_text())["rows"] == rows and [r["missing"] for r in rows] == [0.0, 0.5]
     assert "pencil value+grad" in rows[0] and all(r["dense relative difference"] < 1e-9 for r in rows)
+
+
+def test_sharded_benchmark_smoke(tmp_path):
+    # one device in this process (tests/test_sharding.py runs 4 and 2 processes)
+    out = tmp_path / "s.json"
+    (row,) = _main("sharded.py")(["--T", "64", "--r", "8", "--D", "2", "--devices", "1", "--json", str(out)])
+    assert row["devices"] == 1 and row["loglik_rel_diff"] < 1e-12 and row["grad_rel_diff"] < 1e-10
+    assert row["basis_bytes_per_device"]["sharded"] == 64 * 8 * 8
+    assert json.loads(out.read_text())["rows"][0]["T"] == 64

@@ -32,6 +32,10 @@ FORMS = {
     "eigh": lambda rng: kronlik.factorize(jnp.asarray(_dense_m(rng))),
     "lowrank r<T": lambda rng: kronlik.LowRank(jnp.asarray(rng.standard_normal((T, 2)))),
     "lowrank r>T": lambda rng: kronlik.LowRank(jnp.asarray(rng.standard_normal((T, T + 2)) / 2)),
+    # TSQR over a mesh of this process' one device (tests/test_sharding.py runs 4 devices, 2 processes)
+    "sharded lowrank": lambda rng: kronlik.ShardedLowRank(
+        jnp.asarray(rng.standard_normal((T, 2))), kronlik.row_mesh()
+    ),
     "diagonal": lambda rng: kronlik.Diagonal(jnp.asarray(rng.uniform(0.1, 2.0, T))),
     # unsorted times; a sum of a Matérn and an underdamped oscillator (J = 4)
     "statespace": lambda rng: kronlik.StateSpace(
@@ -46,8 +50,9 @@ NO_PREDICT_DERIVATIVE = {"statespace"}
 ALL_ARGNUMS = (0, 1, 2, 3)
 # The fast tier runs value + every gradient for every form; the other entry points of the forms
 # listed here run in the second tier (CI's fast tier is at its time budget; test_statespace.py
-# has the form's own fast checks).
-SECOND_TIER_FORMS = {"statespace"}
+# has the form's own fast checks; a ShardedLowRank is LowRank but for its basis, and
+# tests/test_sharding.py runs it on 4 devices and 2 processes).
+SECOND_TIER_FORMS = {"statespace", "sharded lowrank"}
 FORM_NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in SECOND_TIER_FORMS else n for n in FORMS]
 
 
@@ -79,7 +84,7 @@ TOL2 = {"float64": 1e-9, "float32": 2e-3}
 
 
 def _dense_of(M):
-    return M.dense() if isinstance(M, tuple) else M
+    return M.dense() if hasattr(M, "dense") else M  # a form (NamedTuple or registered class) or an array
 
 
 def _sigma(noise_name, noise):
