@@ -42,8 +42,11 @@ def _off_diagonal(bk: Array, bs: Array) -> Array:
     dk, ds = jnp.diagonal(gk), jnp.diagonal(gs)
     use_s = jnp.minimum(ds[:, None], ds[None, :]) <= jnp.minimum(dk[:, None], dk[None, :])
     g = jnp.where(use_s, gs, gk)
-    d = jnp.where(use_s, ds[:, None] * ds[None, :], dk[:, None] * dk[None, :])
-    rel = jnp.abs(g) / jnp.sqrt(jnp.where(d > 0, d, 1.0))
+    # √G_ii·√G_jj, not √(G_ii G_jj): the product of two Gram entries of 1e-180 (ν_j that small:
+    # K 1e180 times Σ) underflows to 0, which read as "converged" and left ν unrefined.
+    root_k, root_s = jnp.sqrt(dk), jnp.sqrt(ds)
+    d = jnp.where(use_s, root_s[:, None] * root_s[None, :], root_k[:, None] * root_k[None, :])
+    rel = jnp.abs(g) / jnp.where(d > 0, d, 1.0)
     rel = jnp.where(d > 0, rel, 0.0)
     return jnp.max(rel - jnp.diag(jnp.diagonal(rel)))
 
@@ -60,9 +63,10 @@ def _rotate_round(pairs: Array, p: Array, bk: Array, bs: Array) -> tuple[Array, 
     use_s = jnp.minimum(as_, cs_) <= jnp.minimum(ak, ck)
     a, c, g = (jnp.where(use_s, x, y) for x, y in ((as_, ak), (cs_, ck), (gs, gk)))
     # Hestenes: the rotation that makes columns i and j of B orthogonal (t = tan θ, |θ| ≤ π/4).
-    tiny = jnp.abs(g) <= jnp.finfo(g.dtype).eps * jnp.sqrt(a * c)
+    # √a·√c and hypot: neither a·c nor ζ² may under- or overflow (Gram entries down to ~1e-300)
+    tiny = jnp.abs(g) <= jnp.finfo(g.dtype).eps * (jnp.sqrt(a) * jnp.sqrt(c))
     zeta = (c - a) / (2.0 * jnp.where(tiny, 1.0, g))
-    t = jnp.sign(zeta) / (jnp.abs(zeta) + jnp.sqrt(1.0 + zeta * zeta))
+    t = jnp.sign(zeta) / (jnp.abs(zeta) + jnp.hypot(1.0, zeta))
     t = jnp.where(tiny, 0.0, jnp.where(zeta == 0, 1.0, t))
     cos = 1.0 / jnp.sqrt(1.0 + t * t)
     sin = cos * t

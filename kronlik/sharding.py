@@ -129,6 +129,8 @@ def tsqr(G: Array, mesh: Mesh, axis: str = "rows") -> tuple[Array, Array]:
     k = min(T, r). Backward stable (Householder QR twice), O(T r²/P) per device plus one
     all-gather of the devices' R factors (P · min(T/P, r) · r numbers)."""
 
+    _check_rows(G.shape[0], mesh, axis, "G")
+
     def local(g):
         q, block, R = _local_tsqr(g, axis)
         return q @ block, R
@@ -142,6 +144,8 @@ def thin_svd(G: Array, mesh: Mesh, axis: str = "rows") -> tuple[Array, Array]:
 
     TSQR, then the SVD of the k × r R = U_R S W_Rᵀ on every device; U = diag(Q_i) (Q_s U_R), the
     small product first, so that each device makes one pass of O(T r²/P) over its rows."""
+
+    _check_rows(G.shape[0], mesh, axis, "G")
 
     def local(g):
         q, block, R = _local_tsqr(g, axis)

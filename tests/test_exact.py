@@ -135,3 +135,21 @@ def test_vectors_orthonormal_only_on_the_probe_are_refused_by_validate():
     assert np.isnan(
         kronlik.loglik(np.ones((T, 2)), kronlik.EighFactor(1.01 * jnp.eye(T), jnp.ones(T)), np.eye(2), np.eye(2))
     )
+
+
+def test_huge_k_against_order_one_noise_with_a_rank_deficient_m():
+    # K 1e200 times Σ: in the pencil ν_j ~ 1e-200, whose Jacobi Gram products (1e-400) underflowed
+    # to 0 and read as converged, leaving ν unrefined: L off by 5e-6 relative, a finite wrong number
+    # (issue 19's hostile test). The dense float64 Cholesky cannot serve as the bar here (κ(U) ~
+    # 1e200), so the bar is absolute: 1e-12 (value), 1e-10 (gradients), against 300 digits. M = G Gᵀ
+    # of an integer G: exact in float64 and of rank 2 exactly.
+    G = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0], [-1.0, 1.0]])
+    Y = np.array([[0.3, -1.2], [0.7, 0.4], [-0.5, 0.9], [1.1, 0.2]])
+    K = np.array([[1.0, 0.3], [0.3, 0.5]]) * 1e200
+    Sigma = np.array([[0.5, 0.1], [0.1, 0.3]])
+    ex = reference.exact(Y, G @ G.T, K, Sigma, digits=300)
+    for M in (jnp.asarray(G @ G.T), kronlik.LowRank(jnp.asarray(G))):
+        value, grads = jax.value_and_grad(kronlik.loglik, argnums=(0, 2, 3))(jnp.asarray(Y), M, K, Sigma)
+        assert abs(float(value) - ex.value) <= 1e-12 * abs(ex.value), type(M).__name__
+        for g, t in zip(grads, (ex.y, ex.k, ex.noise)):
+            assert max_rel(g, t) < 1e-10, (type(M).__name__, max_rel(g, t))
