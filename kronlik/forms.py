@@ -246,6 +246,15 @@ class EighFactor(NamedTuple):
         return Dense((v * self.values[None, :]) @ v.T)
 
 
+def singular_basis(u: Array, sv: Array, factor: Array) -> Basis:
+    """M = G Gᵀ's basis from the thin SVD G = U diag(s) Wᵀ (computed in any dtype): V = U, λ = s², in G's dtype."""
+    u, sv = u.astype(factor.dtype), sv.astype(factor.dtype)
+    lam = sv * sv
+    ok = jnp.all(jnp.isfinite(lam)) & jnp.all(jnp.isfinite(u))
+    resolved = lam > resolution(max(factor.shape), lam.dtype) * jnp.max(lam)
+    return Basis(u, lam, ok, resolved, jnp.min(lam))
+
+
 class LowRank(NamedTuple):
     """M = G Gᵀ given by its (T, r) factor G, typically r ≪ T (markers, random features).
 
@@ -268,13 +277,8 @@ class LowRank(NamedTuple):
             )
 
     def eigenbasis(self, eigh_dtype=None) -> Basis:
-        dtype = self.factor.dtype
-        u, sv, _ = jnp.linalg.svd(self.factor.astype(eigh_dtype or dtype), full_matrices=False)
-        u, sv = u.astype(dtype), sv.astype(dtype)
-        lam = sv * sv
-        ok = jnp.all(jnp.isfinite(lam)) & jnp.all(jnp.isfinite(u))
-        resolved = lam > resolution(max(self.factor.shape), lam.dtype) * jnp.max(lam)
-        return Basis(u, lam, ok, resolved, jnp.min(lam))
+        u, sv, _ = jnp.linalg.svd(self.factor.astype(eigh_dtype or self.factor.dtype), full_matrices=False)
+        return singular_basis(u, sv, self.factor)
 
     def cotangent(self, basis: Basis, ct: MCotangent) -> LowRank:
         # 2 G_M G with G_M = h (R diag(κ) Rᵀ - V diag(a) Vᵀ - c₀ (I - V Vᵀ)); no T×T matrix.

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .forms import Basis, LowRank, MCotangent, resolution
+from .forms import Basis, LowRank, MCotangent, singular_basis
 
 Array = jax.Array
 
@@ -196,13 +196,8 @@ class ShardedLowRank:
         _check_rows(self.factor.shape[0], self.mesh, self.axis, "a ShardedLowRank factor")
 
     def eigenbasis(self, eigh_dtype=None) -> Basis:
-        dtype = self.factor.dtype
-        u, sv = thin_svd(self.factor.astype(eigh_dtype or dtype), self.mesh, self.axis)
-        u, sv = u.astype(dtype), sv.astype(dtype)
-        lam = sv * sv
-        ok = jnp.all(jnp.isfinite(lam)) & jnp.all(jnp.isfinite(u))
-        resolved = lam > resolution(max(self.factor.shape), lam.dtype) * jnp.max(lam)
-        return Basis(u, lam, ok, resolved, jnp.min(lam))
+        u, sv = thin_svd(self.factor.astype(eigh_dtype or self.factor.dtype), self.mesh, self.axis)
+        return singular_basis(u, sv, self.factor)
 
     def cotangent(self, basis: Basis, ct: MCotangent) -> ShardedLowRank:
         return ShardedLowRank(self._plain().cotangent(basis, ct).factor, self.mesh, self.axis)
