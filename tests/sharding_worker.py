@@ -106,6 +106,9 @@ if __name__ == "__main__":
     jax.config.update("jax_enable_x64", True)
     if sys.argv[1] == "process":  # before any computation: the processes meet at the coordinator
         pid, nproc, port = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # recent jax's default; jax 0.5 needs it
+        try:  # recent jax's default; jax 0.5 needs it (a later jax may drop the option)
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        except AttributeError:
+            pass
         jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=nproc, process_id=pid)
     print(json.dumps(main(every_entry_point=sys.argv[1] == "devices")), flush=True)
