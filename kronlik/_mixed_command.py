@@ -186,8 +186,8 @@ def _inputs(args) -> dict:
     if args.out is not None and args.out == args.scan_out:
         raise DataError("--out and --scan-out must be different files")
     if args.pheno is None:
-        if any(getattr(args, f) is not None for f in ("kinship", "genotypes", "covariates", "scan")):
-            raise DataError("--kinship/--genotypes/--covariates/--scan need --pheno")
+        if any(getattr(args, f) is not None for f in ("kinship", "genotypes", "covariates", "scan", "bfile", "grm")):
+            raise DataError("--kinship/--genotypes/--covariates/--scan/--bfile/--grm need --pheno")
         from .datasets import simulate_traits
 
         sim = simulate_traits()

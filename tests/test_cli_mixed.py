@@ -107,12 +107,13 @@ def _bad(d, sim):
         "linearly dependent": ["--pheno", p, "--kinship", k, "--covariates", str(d / "const.csv")],
         "non-finite": ["--pheno", p, "--kinship", k, "--scan", str(d / "scan_nan.npy")],
         "need --pheno": ["--kinship", k],
+        "--bfile/--grm need --pheno": ["--bfile", str(d / "plink_prefix")],  # not ignored for the simulation
         "--top must be": ["--top", "-1"],
         "must be different": ["--out", str(d / "x.json"), "--scan-out", str(d / "x.json")],
     }
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(10))
 def test_bad_input_exits_2_and_writes_nothing(files, capsys, case):
     d, sim = files
     message, args = list(_bad(d, sim).items())[case]
