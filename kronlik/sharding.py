@@ -3,7 +3,7 @@ r"""More individuals than one device holds: M = G Gᵀ with G (T × r) sharded b
 :class:`ShardedLowRank` is the form of M for a factor whose T rows are split over the devices of
 a mesh axis (one process or many, after ``jax.distributed.initialize()``). Its one step that is
 not a product is the thin SVD of G; here it is a tall-skinny QR (TSQR): every device factors its
-own rows, G_i = Q_i R_i (O(T r²/P)), the P small factors R_i (r × r each) are gathered to every
+own rows, G_i = Q_i R_i (O(T r²/P)), the P small factors R_i (at most r × r each) are gathered to every
 device and factored once more, [R_1; …; R_P] = Q_s R, and Q = diag(Q_i) Q_s stays sharded by
 rows. The SVD of the r × r R = U_R S W_Rᵀ then gives M's basis V = Q U_R, λ = S², exactly the
 numbers (to rounding) of the single-device SVD and as backward stable: no Gram matrix GᵀG is
@@ -123,20 +123,24 @@ def _local_tsqr(g: Array, axis: str) -> tuple[Array, Array, Array]:
     return q, block, R
 
 
+def _over_rows(local, G: Array, mesh: Mesh, axis: str) -> tuple[Array, Array]:
+    """``local`` on each device's rows of G: its first output sharded by rows, its second the same on every device."""
+    _check_rows(G.shape[0], mesh, axis, "G")
+    spec = PartitionSpec(axis, None)
+    return _shard_map(local, mesh, spec, (spec, PartitionSpec()))(G)
+
+
 def tsqr(G: Array, mesh: Mesh, axis: str = "rows") -> tuple[Array, Array]:
     """G = Q R for a (T, r) G sharded by rows over ``axis``: Q (T, k) sharded like G, R (k, r) on every device.
 
     k = min(T, r). Backward stable (Householder QR twice), O(T r²/P) per device plus one
     all-gather of the devices' R factors (P · min(T/P, r) · r numbers)."""
 
-    _check_rows(G.shape[0], mesh, axis, "G")
-
     def local(g):
         q, block, R = _local_tsqr(g, axis)
         return q @ block, R
 
-    spec = PartitionSpec(axis, None)
-    return _shard_map(local, mesh, spec, (spec, PartitionSpec()))(G)
+    return _over_rows(local, G, mesh, axis)
 
 
 def thin_svd(G: Array, mesh: Mesh, axis: str = "rows") -> tuple[Array, Array]:
@@ -145,15 +149,12 @@ def thin_svd(G: Array, mesh: Mesh, axis: str = "rows") -> tuple[Array, Array]:
     TSQR, then the SVD of the k × r R = U_R S W_Rᵀ on every device; U = diag(Q_i) (Q_s U_R), the
     small product first, so that each device makes one pass of O(T r²/P) over its rows."""
 
-    _check_rows(G.shape[0], mesh, axis, "G")
-
     def local(g):
         q, block, R = _local_tsqr(g, axis)
         u_r, sv, _ = jnp.linalg.svd(R, full_matrices=False)
         return q @ (block @ u_r), sv
 
-    spec = PartitionSpec(axis, None)
-    return _shard_map(local, mesh, spec, (spec, PartitionSpec()))(G)
+    return _over_rows(local, G, mesh, axis)
 
 
 @jax.tree_util.register_pytree_node_class
