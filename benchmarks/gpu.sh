@@ -12,3 +12,7 @@ python -m benchmarks.run --sizes 256x64 1024x128 4096x256 8192x512 --dtype float
 python -m benchmarks.run --sizes 256x64 1024x128 4096x256 8192x512 16384x512 --dtype float32 \
   --repeats 5 --budget 10 --dense-limit 4096 --json "$out/gpu_float32.json" | tee "$out/gpu_float32.txt"
 python benchmarks/lowrank.py --dtype float64 | tee "$out/gpu_lowrank.txt"
+# the state-space form (issue 17): the default rows run scan_method()'s recursions (parallel on a GPU);
+# both are also timed by name, with their agreement, at D = 8 and T = 10^4 ... 10^6
+python benchmarks/statespace.py --T 10000 100000 1000000 --D 8 --no-baselines --dense-max-T 0 \
+  --scans sequential parallel --repeats 5 --budget 10 --json "$out/gpu_statespace.json" | tee "$out/gpu_statespace.txt"

@@ -70,7 +70,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import kronlik  # noqa: E402
-from kronlik.statespace import Matern32, StateSpace  # noqa: E402
+from kronlik.statespace import Matern32, StateSpace, scan_method  # noqa: E402
 
 ALL = (0, 1, 2, 3)
 AMPLITUDE, LENGTHSCALE = 1.0, 5.0
@@ -264,7 +264,9 @@ def _gpytorch(timer: Timer, Y, M, K, log_var):
     return timer.time("gpytorch value", value)
 
 
-def bench_one(T: int, D: int, *, repeats: int, budget_s: float, dense: bool, baselines: bool) -> dict:
+def bench_one(
+    T: int, D: int, *, repeats: int, budget_s: float, dense: bool, baselines: bool, scans: tuple[str, ...] = ()
+) -> dict:
     Y, M, K, log_var = problem(T, D)
     timer = Timer(repeats, budget_s)
     agree, skipped = {}, {}
@@ -276,6 +278,13 @@ def bench_one(T: int, D: int, *, repeats: int, budget_s: float, dense: bool, bas
     if not np.isfinite(value):
         raise AssertionError(f"T={T} D={D}: kronlik value {value}")
     agree["kronlik value vs value+grad"] = abs(float(value_only) - value) / abs(value)
+    for method in scans:  # the same calls with the recursions named (the rows above run scan_method()'s)
+        named = StateSpace(M.times, M.kernel, scan=method)
+        v = timer.time(f"kronlik {method} value", forward, Y, named, K, log_var)
+        _, g = timer.time(f"kronlik {method} value+grad", structured, Y, named, K, log_var)
+        agree[f"kronlik {method} value"] = abs(float(v) - value) / abs(value)
+        flat, flat_m = jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(g)
+        agree[f"kronlik {method} gradients (max over arguments)"] = max(_rel(a, b) for a, b in zip(flat_m, flat))
 
     P, kappa, nu, logdet = pencil(np.asarray(K), np.asarray(log_var), AMPLITUDE)
     Z = jnp.asarray(np.asarray(Y) @ P)  # the times are sorted: no reordering
@@ -490,6 +499,7 @@ def _environment() -> dict:
     env = {
         "jax": jax.__version__,
         "device": jax.devices()[0].device_kind,
+        "scan_method (the default rows' recursions)": scan_method(),
         "machine": platform.machine(),
         "python": platform.python_version(),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
@@ -528,6 +538,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--peak-memory", nargs="*", default=[], help="TxD sizes for the peak-RSS subprocess")
     parser.add_argument("--bars", nargs="*", default=[], help="TxD sizes for interleaved bar rounds")
     parser.add_argument("--bar-rounds", type=int, default=7)
+    parser.add_argument(
+        "--scans",
+        nargs="*",
+        default=[],
+        choices=["sequential", "parallel"],
+        help="also time kronlik with these recursions (StateSpace(..., scan=...))",
+    )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--peak-child", help=argparse.SUPPRESS)
     parser.add_argument("--value-only", action="store_true", help=argparse.SUPPRESS)
@@ -547,7 +564,15 @@ def main(argv=None) -> dict:
     for T, D in sizes + extra:
         is_extra = (T, D) in extra
         dense = T <= args.dense_max_T or is_extra
-        row = bench_one(T, D, repeats=args.repeats, budget_s=args.budget, dense=dense, baselines=not args.no_baselines)
+        row = bench_one(
+            T,
+            D,
+            repeats=args.repeats,
+            budget_s=args.budget,
+            dense=dense,
+            baselines=not args.no_baselines,
+            scans=tuple(args.scans),
+        )
         row["dense_extra"] = is_extra
         rows.append(row)
         done = ", ".join(f"{k} {v:.4g}s" for k, v in row["seconds"].items())

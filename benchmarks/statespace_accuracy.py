@@ -20,6 +20,9 @@ smoke checks.
 
 Run: ``python -m benchmarks.statespace_accuracy [--quick] [--skip-2000]``; writes
 benchmarks/results_statespace_accuracy.json and /tmp/results_statespace_accuracy.md.
+``--scan=parallel`` runs the same cases with the associative-scan recursions (every form here
+has ``scan="auto"``, which then reads KRONLIK_STATESPACE_SCAN=parallel) and writes
+..._accuracy_parallel.json / .md instead.
 """
 
 from __future__ import annotations
@@ -1151,6 +1154,17 @@ def main(argv=None):
     Each stage's results are merged into the JSON as it finishes, and the markdown is rebuilt from it.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    scan = next((a.split("=", 1)[1] for a in argv if a.startswith("--scan=")), "sequential")
+    if scan != "sequential":
+        global JSON_OUT, MD_OUT
+        JSON_OUT = JSON_OUT.replace(".json", f"_{scan}.json")
+        MD_OUT = MD_OUT.replace(".md", f"_{scan}.md")
+    # every form here has scan="auto", which reads this when traced
+    os.environ["KRONLIK_STATESPACE_SCAN"] = scan
+    return _main(argv)
+
+
+def _main(argv):
     quick = "--quick" in argv
     only = [a.split("=", 1)[1] for a in argv if a.startswith("--only=")]
     stages = next(

@@ -546,11 +546,13 @@ class StateSpaceAccuracy(NamedTuple):
 
 @jax.jit
 def _filtered(y, m, k, sigma):
+    from ._kalman import recursions_of
     from ._noise import FullNoise
     from ._statespace_core import ss_factor, ss_forward
 
     # kronlik.loglik's value with a StateSpace M is this pass's (structured._ss_loglik)
-    s = ss_forward(y, ss_factor(m, k, FullNoise(sigma)), store=False)
+    with recursions_of(m):
+        s = ss_forward(y, ss_factor(m, k, FullNoise(sigma)), store=False)
     return s.value, s.ok, jnp.min(s.filtered.s_min)
 
 

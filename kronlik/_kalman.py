@@ -25,6 +25,8 @@ time with no recursion in it (``jax.vjp`` of :func:`kronlik.statespace.generator
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 from typing import NamedTuple
@@ -91,7 +93,7 @@ def _predict_update(m, p, a, q, z, h, kappa, nu):
     return mp, ap, pp, u, s, v
 
 
-def kalman_filter(z: Array, a: Array, q: Array, h, kappa: Array, nu: Array, store: bool) -> Filtered:
+def _filter_sequential(z: Array, a: Array, q: Array, h, kappa: Array, nu: Array, store: bool) -> Filtered:
     """ℓ_j for z (T, D) with transitions a (T, J, J), process covariances κ_j q (T, J, J), noise ν_j."""
     T, D = z.shape
     J = a.shape[-1]
@@ -132,7 +134,7 @@ class Reversed(NamedTuple):
     upper: Array | None  # (T, D) Σ_{k>i} M_ik z̄_k (z̄ = the first field), if p_inf_h was given
 
 
-def kalman_reverse(
+def _reverse_sequential(
     z: Array, a: Array, q: Array, h, kappa: Array, nu: Array, f: Filtered, p_inf_h: Array | None = None
 ) -> Reversed:
     """The hand-derived reverse pass (module docstring), from the filter's stored posteriors.
@@ -145,7 +147,6 @@ def kalman_reverse(
     T, D = z.shape
     J = a.shape[-1]
     h = jnp.asarray(h, z.dtype)
-    hh = (h[:, None] * h[None, :])[:, :, None]
     hc = h[:, None]
     upper = p_inf_h is not None
     phc = None if not upper else jnp.asarray(p_inf_h, z.dtype)[:, None]
@@ -154,21 +155,8 @@ def kalman_reverse(
         mbar, pbar, kbar, nbar, g = carry
         a_i, q_i, z_i, m, p = inp
         _, ap, _, u, s, v = _predict_update(m, p, a_i, q_i, z_i, h, kappa, nu)
-        inv_s = 1.0 / s
-        um = jnp.sum(u * mbar, axis=0)
-        pu = jnp.sum(pbar * u[None, :, :], axis=1)
-        upu = jnp.sum(u * pu, axis=0)
-        ubar = mbar * (v * inv_s)[None, :] - 2.0 * pu * inv_s[None, :]
-        sbar = (upu - v * um) * inv_s * inv_s - 0.5 * (inv_s - v * v * inv_s * inv_s)
-        vbar = (um - v) * inv_s
-        ppbar = pbar + 0.5 * (ubar[:, None, :] * hc[None] + hc[:, None] * ubar[None, :, :])
-        ppbar = ppbar + sbar[None, None, :] * hh
-        mpbar = mbar - hc * vbar[None, :]
-        # Ā = Σ_d 2 P̄⁻ A P + m̄⁻ mᵀ, with A P from the recomputed prediction
-        abar = 2.0 * jnp.sum(ppbar[:, :, None, :] * ap[None, :, :, :], axis=(1, 3))
-        abar = abar + jnp.sum(mpbar[:, None, :] * m[None, :, :], axis=2)
-        qbar = jnp.sum(ppbar * kappa[None, None, :], axis=2)
-        kbar = kbar + jnp.sum(ppbar * q_i[:, :, None], axis=(0, 1))
+        mpbar, ppbar, vbar, sbar, abar, qbar, kbar_i = reverse_local(mbar, pbar, m, q_i, ap, u, s, v, h, kappa)
+        kbar = kbar + kbar_i
         nbar = nbar + sbar
         mbar_prev = _mtv(a_i, mpbar)
         pbar_prev = _mtv_cov(a_i, ppbar)
@@ -192,6 +180,32 @@ def kalman_reverse(
     return Reversed(zbar, kbar, nbar, abar, qbar, u)
 
 
+def reverse_local(mbar, pbar, m, q_i, ap, u, s, v, h, kappa):
+    """One step of the reverse pass without its propagation (module docstring).
+
+    From m̄, P̄ (the adjoints of step i's posterior, (J, D) and (J, J, D)), the previous posterior
+    mean m and step i's prediction (A P, u = P⁻h, S, v): (m̄⁻, P̄⁻, v̄, S̄, Ā_i, Q̄_i, ⟨P̄⁻, Q_i⟩).
+    The sequential pass propagates m̄ ← Aᵀ m̄⁻, P̄ ← Aᵀ P̄⁻ A itself; the parallel one
+    (:mod:`kronlik._kalman_parallel`) has m̄, P̄ for every step from associative scans first.
+    """
+    hc = h[:, None]
+    inv_s = 1.0 / s
+    um = jnp.sum(u * mbar, axis=0)
+    pu = jnp.sum(pbar * u[None, :, :], axis=1)
+    upu = jnp.sum(u * pu, axis=0)
+    ubar = mbar * (v * inv_s)[None, :] - 2.0 * pu * inv_s[None, :]
+    sbar = (upu - v * um) * inv_s * inv_s - 0.5 * (inv_s - v * v * inv_s * inv_s)
+    vbar = (um - v) * inv_s
+    ppbar = pbar + 0.5 * (ubar[:, None, :] * hc[None] + hc[:, None] * ubar[None, :, :])
+    ppbar = ppbar + sbar[None, None, :] * (h[:, None] * h[None, :])[:, :, None]
+    mpbar = mbar - hc * vbar[None, :]
+    # Ā = Σ_d 2 P̄⁻ A P + m̄⁻ mᵀ, with A P from the recomputed prediction
+    abar = 2.0 * jnp.sum(ppbar[:, :, None, :] * ap[None, :, :, :], axis=(1, 3))
+    abar = abar + jnp.sum(mpbar[:, None, :] * m[None, :, :], axis=2)
+    qbar = jnp.sum(ppbar * kappa[None, None, :], axis=2)
+    return mpbar, ppbar, vbar, sbar, abar, qbar, jnp.sum(ppbar * q_i[:, :, None], axis=(0, 1))
+
+
 def _mtv_cov(a: Array, pbar: Array) -> Array:
     """Aᵀ P̄ A for A (J, J) and P̄ (J, J, D)."""
     left = jnp.sum(a[:, :, None, None] * pbar[:, None, :, :], axis=0)  # (Aᵀ P̄)[j, l]
@@ -209,8 +223,17 @@ def matmul(g, X: Array) -> Array:
     return jnp.zeros_like(out).at[g.order].set(out)
 
 
-def matmul_sorted(g, x: Array) -> Array:
-    """M X with the rows of X (T, N) in sorted-time order (see :func:`matmul`)."""
+def matmul_sorted(g, x: Array, method: str | None = None) -> Array:
+    """M X with the rows of X (T, N) in sorted-time order (see :func:`matmul`), by the recursions
+    ``method`` names (as :func:`kalman_filter`)."""
+    if _parallel(method):
+        from ._kalman_parallel import matmul_sorted as parallel
+
+        return parallel(g, x)
+    return _matmul_sequential(g, x)
+
+
+def _matmul_sequential(g, x: Array) -> Array:
     T, N = x.shape
     h = jnp.asarray(g.h, x.dtype)
     ph = g.p_inf @ h
@@ -307,3 +330,83 @@ def pair_traces(a: Array, q: Array, h, kappa: Array, nu: Array) -> tuple[Array, 
         w = jnp.zeros((D, D), kappa.dtype).at[j, k].set(traces[p])
         out.append(w + w.T)
     return tuple(out)
+
+
+# -- which recursions run: sequential scans, or associative scans of O(log T) depth ------------
+# A StateSpace form carries its choice (``scan``, static); the entry points that trace a form's
+# recursions enter recursions_of(form), and the functions below read it (or take ``method``).
+
+SCAN_METHODS = ("auto", "sequential", "parallel")
+_ENV = "KRONLIK_STATESPACE_SCAN"
+_active: contextvars.ContextVar[str | None] = contextvars.ContextVar("kronlik_statespace_scan", default=None)
+
+
+def checked_scan(method: str, what: str) -> str:
+    if method not in SCAN_METHODS:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, SCAN_METHODS))}; got {method!r}")
+    return method
+
+
+def scan_method(setting: str = "auto") -> str:
+    """The recursions a :class:`~kronlik.StateSpace` with ``scan=setting`` runs: ``"sequential"``
+    or ``"parallel"``.
+
+    ``"sequential"``: ``lax.scan`` over the T steps, O(T J² D) work in T dependent steps, the
+    fastest on a CPU. ``"parallel"``: ``lax.associative_scan``, O(T J³ D) work in O(log T)
+    dependent rounds, for accelerators, where a sequential scan runs one step (or one unrolled
+    group) per kernel launch. ``"auto"`` is the environment variable ``KRONLIK_STATESPACE_SCAN``
+    if set, else sequential where JAX's default backend is the CPU and parallel elsewhere; it is
+    resolved when a function is traced.
+    """
+    setting = checked_scan(setting, "the scan setting")
+    if setting == "auto":
+        setting = checked_scan(os.environ.get(_ENV, "auto"), _ENV)
+    if setting == "auto":
+        return "sequential" if jax.default_backend() == "cpu" else "parallel"
+    return setting
+
+
+@contextlib.contextmanager
+def recursions_of(form):
+    """Trace the recursions of ``form`` (a StateSpace) by its ``scan`` in this block."""
+    token = _active.set(scan_method(getattr(form, "scan", "auto")))
+    try:
+        yield
+    finally:
+        _active.reset(token)
+
+
+def _parallel(method: str | None) -> bool:
+    return (method or _active.get() or scan_method()) == "parallel"
+
+
+def kalman_filter(
+    z: Array, a: Array, q: Array, h, kappa: Array, nu: Array, store: bool, method: str | None = None
+) -> Filtered:
+    """ℓ_j for z (T, D) with transitions a (T, J, J), process covariances κ_j q (T, J, J), noise ν_j,
+    by the recursions ``method`` names (default: the form's being traced, :func:`recursions_of`)."""
+    if _parallel(method):
+        from ._kalman_parallel import kalman_filter as parallel
+
+        return parallel(z, a, q, h, kappa, nu, store)
+    return _filter_sequential(z, a, q, h, kappa, nu, store)
+
+
+def kalman_reverse(
+    z: Array,
+    a: Array,
+    q: Array,
+    h,
+    kappa: Array,
+    nu: Array,
+    f: Filtered,
+    p_inf_h: Array | None = None,
+    method: str | None = None,
+) -> Reversed:
+    """The filter's hand-derived adjoint (:func:`_reverse_sequential`), by the recursions ``method``
+    names (as :func:`kalman_filter`)."""
+    if _parallel(method):
+        from ._kalman_parallel import kalman_reverse as parallel
+
+        return parallel(z, a, q, h, kappa, nu, f, p_inf_h)
+    return _reverse_sequential(z, a, q, h, kappa, nu, f, p_inf_h)

@@ -22,6 +22,7 @@ differentiated (a third derivative in K or the noise raises ``TypeError``).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from ._core import nan_unless, nan_unless_linear, not_differentiable
-from ._kalman import Filtered, kalman_filter, kalman_reverse, matmul, matmul_sorted, pair_traces
+from ._kalman import Filtered, kalman_filter, kalman_reverse, matmul, matmul_sorted, pair_traces, recursions_of
 from .forms import resolution
 from .statespace import Generators, StateSpace, generators
 
@@ -52,6 +53,18 @@ def _pencil_impl(K, noise, alpha):
 
 
 _pencil = not_differentiable(_pencil_impl, message=_PENCIL_ORDER)
+
+
+def _in_form_recursions(fn):
+    """Trace ``fn``'s Kalman recursions as its form (the second argument, or primals[1]) says."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        form = args[1] if not isinstance(args[0], tuple) else args[0][1]
+        with recursions_of(form):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 class SSFactors(NamedTuple):
@@ -138,14 +151,16 @@ def _backward(form, noise, g: Generators, pencil, kappa, nu, z, filtered, nan, p
     if pull is None:
         _, pull = jax.vjp(lambda t, k: (lambda gg: (gg.a, gg.q))(generators(t, k)), form.times, form.kernel)
     t_bar, k_bar = pull((rv.a, rv.q))
-    form_cot = jax.tree_util.tree_map(lambda x: x * nan, StateSpace(t_bar, k_bar))
+    form_cot = jax.tree_util.tree_map(lambda x: x * nan, form.like(t_bar, k_bar))
     return SSGradients(y_cot * nan, form_cot, 0.5 * (k_cot + k_cot.T) * nan, noise_cot, r)
 
 
+@_in_form_recursions
 def value(Y, form, K, noise) -> Array:
     return ss_forward(Y, ss_factor(form, K, noise), store=False).value
 
 
+@_in_form_recursions
 def value_and_grads(Y, form, K, noise):
     """(L, (∂L/∂Y, ∂L/∂M as a StateSpace, ∂L/∂K, ∂L/∂noise)): filter, then the reverse pass."""
     f = ss_factor(form, K, noise, with_pull=True)
@@ -173,6 +188,7 @@ def value_and_grads(Y, form, K, noise):
 # ---------------------------------------------------------------------------------------------
 
 
+@_in_form_recursions
 def gradient_tangents(primals, dY, dform, dK, dnoise):
     """(L, the gradients, their tangents along the direction); None where an input does not move."""
     Y, form, K, noise = primals
@@ -228,11 +244,13 @@ def solve_sorted(Y: Array, f: SSFactors) -> tuple[Array, Array]:
     return jnp.zeros_like(w).at[f.g.order].set(w), s.ok
 
 
+@_in_form_recursions
 def solve(Y, form, K, noise) -> Array:
     w, ok = solve_sorted(Y, ss_factor(form, K, noise))
     return nan_unless(ok, w)
 
 
+@_in_form_recursions
 def apply_u_tangent(W, form, K, noise, dform, dK, dnoise):
     """dU W = dM W K + M W dK + W dΣ (None tangents skipped), W (T, D)."""
     k_sym = 0.5 * (K + K.T)
@@ -246,6 +264,7 @@ def apply_u_tangent(W, form, K, noise, dform, dK, dnoise):
     return out
 
 
+@_in_form_recursions
 def predict(Y, form, K, noise, M_cross, m_new_diag):
     """mean = M_× W K, var_nd = m_n K_dd - Σ_j (K P)_dj² x_nᵀ C_j⁻¹ x_n, by N·D more solves."""
     f = ss_factor(form, K, noise)

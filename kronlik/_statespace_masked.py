@@ -96,7 +96,7 @@ def value_and_grads(Y, form, K, noise, mask):
     _, noise_pull = jax.vjp(noise_matrix, noise)
     (noise_cot,) = noise_pull(rv.sigma)
     t_bar, kernel_bar = p.pull((rv.a, rv.q))
-    form_cot = StateSpace(t_bar, kernel_bar)
+    form_cot = form.like(t_bar, kernel_bar)
     grads = (y_cot, form_cot, k_cot, noise_cot)
     return value, jax.tree_util.tree_map(lambda x: x * nan, grads)
 

@@ -287,6 +287,13 @@ def validate(
 
 @jax.jit
 def _statespace_forward(Y, form, K, noise):
+    from ._kalman import recursions_of
+
+    with recursions_of(form):  # the recursions the likelihood runs for this form
+        return _statespace_forward_traced(Y, form, K, noise)
+
+
+def _statespace_forward_traced(Y, form, K, noise):
     from ._kalman import kalman_reverse, matmul_sorted
     from ._statespace_core import ss_factor, ss_forward
 

@@ -21,7 +21,9 @@ and P∞ has entries of order σ² whatever the lengthscale. ``a + b`` is the su
 M_ik = k(t_i - t_k): wherever kronlik takes M it takes this, and the likelihood, its gradients
 (in Y, K, Σ, log-variances, every kernel parameter and the times) and solves run through Kalman
 recursions on the D scalar problems κ_j M + ν_j I of the pencil (``kronlik._kalman``): O(T J² D)
-time and O(T J² D) memory, no T×T matrix.
+time and O(T J² D) memory, no T×T matrix. The recursions run as sequential scans on a CPU and
+as associative scans of O(log T) depth on accelerators (``StateSpace(..., scan=...)``,
+:func:`scan_method`).
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._kalman import checked_scan, scan_method
+
 Array = jax.Array
 
-__all__ = ["Matern12", "Matern32", "Matern52", "SHO", "Sum", "Product", "StateSpace"]
+__all__ = ["Matern12", "Matern32", "Matern52", "SHO", "Sum", "Product", "StateSpace", "scan_method"]
 
 
 def _add(self, other):
@@ -357,7 +361,8 @@ def generators(times: Array, kernel) -> Generators:
     return Generators(order, a, q, kernel.observation(), p_inf)
 
 
-class StateSpace(NamedTuple):
+@jax.tree_util.register_pytree_with_keys_class
+class StateSpace:
     r"""M_ik = k(t_i - t_k) for a state-space kernel (:mod:`kronlik.statespace`) over 1-D times.
 
     Pass it wherever M is accepted. The complete-data likelihood, :func:`~kronlik.solve`, the
@@ -369,6 +374,12 @@ class StateSpace(NamedTuple):
     The gradient with respect to this form is a :class:`StateSpace` holding ∂L/∂times and the
     kernel's parameters' gradients.
 
+    ``scan`` says how the recursions run: ``"sequential"`` (``lax.scan`` over the T steps, the
+    fastest on a CPU), ``"parallel"`` (associative scans of O(log T) depth, for accelerators), or
+    ``"auto"`` (the default: :func:`scan_method`, parallel unless JAX's default backend is the
+    CPU). It is static (part of the pytree's structure, not a leaf), so a ``jax.jit``-compiled
+    function traces each choice apart. Both give the same numbers up to rounding.
+
     >>> import jax.numpy as jnp, kronlik
     >>> from kronlik.statespace import Matern32, StateSpace
     >>> t = jnp.array([0.0, 0.3, 1.1, 2.0])
@@ -376,10 +387,46 @@ class StateSpace(NamedTuple):
     >>> Y, K, s = jnp.ones((4, 2)), jnp.eye(2), jnp.zeros(2)
     >>> bool(jnp.isclose(kronlik.loglik_diag(Y, M, K, s), kronlik.loglik_diag(Y, M.dense(), K, s)))
     True
+    >>> P = StateSpace(t, M.kernel, scan="parallel")
+    >>> bool(jnp.isclose(kronlik.loglik_diag(Y, P, K, s), kronlik.loglik_diag(Y, M, K, s)))
+    True
     """
 
-    times: Array  # (T,)
-    kernel: object
+    def __init__(self, times: Array, kernel, scan: str = "auto"):
+        self.times = times  # (T,)
+        self.kernel = kernel
+        self.scan = checked_scan(scan, "StateSpace's scan")
+
+    def tree_flatten_with_keys(self):
+        keys = jax.tree_util.GetAttrKey
+        return ((keys("times"), self.times), (keys("kernel"), self.kernel)), self.scan
+
+    def tree_flatten(self):
+        return (self.times, self.kernel), self.scan
+
+    @classmethod
+    def tree_unflatten(cls, scan, children):
+        return cls(*children, scan)
+
+    def __repr__(self) -> str:
+        shape = getattr(self.times, "shape", "?")
+        return f"StateSpace(times: {shape}, kernel={self.kernel!r}, scan={self.scan!r})"
+
+    def recursions(self) -> str:
+        """The recursions this form runs when traced now: ``"sequential"`` or ``"parallel"``."""
+        return scan_method(self.scan)
+
+    def _replace(self, **changes) -> StateSpace:
+        """This form with ``times``, ``kernel`` or ``scan`` replaced (as when it was a NamedTuple)."""
+        fields = {"times": self.times, "kernel": self.kernel, "scan": self.scan}
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise ValueError(f"StateSpace has no field {sorted(unknown)[0]!r} (times, kernel, scan)")
+        return StateSpace(**{**fields, **changes})
+
+    def like(self, times: Array, kernel) -> StateSpace:
+        """A StateSpace of the same structure (``scan``) with these leaves (cotangents, subsets)."""
+        return StateSpace(times, kernel, self.scan)
 
     def arrays(self) -> dict[str, Array]:
         leaves = _kernel_leaves(self.kernel)
@@ -388,7 +435,7 @@ class StateSpace(NamedTuple):
     def rebuild(self, arrays: list[Array]) -> StateSpace:
         """This form with its arrays replaced (in the order of :meth:`arrays`)."""
         treedef = jax.tree_util.tree_structure(self.kernel)
-        return StateSpace(arrays[0], jax.tree_util.tree_unflatten(treedef, arrays[1:]))
+        return self.like(arrays[0], jax.tree_util.tree_unflatten(treedef, arrays[1:]))
 
     def check_shape(self, y_shape: tuple[int, int]) -> None:
         T = y_shape[0]
@@ -426,14 +473,15 @@ class StateSpace(NamedTuple):
         return Dense(self.dense()).eigenbasis(eigh_dtype)
 
     def matmul(self, X: Array) -> Array:
-        from ._kalman import matmul
+        from ._kalman import matmul, recursions_of
 
-        return matmul(self.generators(), X)
+        with recursions_of(self):
+            return matmul(self.generators(), X)
 
     def trace(self) -> Array:
         return self.times.shape[0] * self.variance()
 
     def take(self, rows) -> StateSpace:
-        return StateSpace(self.times[rows], self.kernel)
+        return self.like(self.times[rows], self.kernel)
 
     linear = False

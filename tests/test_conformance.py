@@ -33,26 +33,30 @@ FORMS = {
     "lowrank r<T": lambda rng: kronlik.LowRank(jnp.asarray(rng.standard_normal((T, 2)))),
     "lowrank r>T": lambda rng: kronlik.LowRank(jnp.asarray(rng.standard_normal((T, T + 2)) / 2)),
     # TSQR over a mesh of this process' one device (tests/test_sharding.py runs 4 devices, 2 processes)
-    "sharded lowrank": lambda rng: kronlik.ShardedLowRank(
-        jnp.asarray(rng.standard_normal((T, 2))), kronlik.row_mesh()
-    ),
+    "sharded lowrank": lambda rng: kronlik.ShardedLowRank(jnp.asarray(rng.standard_normal((T, 2))), kronlik.row_mesh()),
     "diagonal": lambda rng: kronlik.Diagonal(jnp.asarray(rng.uniform(0.1, 2.0, T))),
     # unsorted times; a sum of a Matérn and an underdamped oscillator (J = 4)
     "statespace": lambda rng: kronlik.StateSpace(
         jnp.asarray(rng.uniform(0.0, 3.0, T)),
         statespace.Matern32(jnp.asarray(1.3), jnp.asarray(0.7)) + statespace.SHO(*jnp.asarray([0.5, 3.0, 2.0])),
     ),
+    # the same form by the associative-scan recursions (a GPU's default); a product kernel (J = 3)
+    "statespace parallel": lambda rng: kronlik.StateSpace(
+        jnp.asarray(rng.uniform(0.0, 3.0, T)),
+        statespace.Matern52(*jnp.asarray([1.1, 0.9])) * statespace.Matern12(*jnp.asarray([0.8, 2.0])),
+        scan="parallel",
+    ),
 }
 # What a form does not do, each asserted below to be refused with a clear error rather than
 # skipped: second derivatives only in some arguments (none today), predict not differentiable.
 SECOND_ORDER_ARGNUMS: dict[str, tuple[int, ...]] = {}
-NO_PREDICT_DERIVATIVE = {"statespace"}
+NO_PREDICT_DERIVATIVE = {"statespace", "statespace parallel"}
 ALL_ARGNUMS = (0, 1, 2, 3)
 # The fast tier runs value + every gradient for every form; the other entry points of the forms
 # listed here run in the second tier (CI's fast tier is at its time budget; test_statespace.py
 # has the form's own fast checks; a ShardedLowRank is LowRank but for its basis, and
 # tests/test_sharding.py runs it on 4 devices and 2 processes).
-SECOND_TIER_FORMS = {"statespace", "sharded lowrank"}
+SECOND_TIER_FORMS = {"statespace", "statespace parallel", "sharded lowrank"}
 FORM_NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in SECOND_TIER_FORMS else n for n in FORMS]
 
 

@@ -33,7 +33,7 @@ EXPECTED_OUTPUT = {
     "docs/fitting.md": ["["],
     "docs/missing.md": ["observed entries", "mean at the gap"],
     "docs/mixed.md": ["["],
-    "docs/scaling.md": ["T = 20000: L = ", "T = 100000 (state space): L = "],
+    "docs/scaling.md": ["T = 20000: L = ", "T = 100000 (state space): L = ", "parallel ones agree to"],
 }
 
 
