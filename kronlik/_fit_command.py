@@ -298,11 +298,17 @@ def choose_path(args, T: int, D: int, n_missing: int, given_m: bool) -> tuple[st
             if n_missing
             else ""
         )
+        from .statespace import scan_method
+
+        # the joint filter of missing cells is sequential on every backend
+        parallel = not n_missing and scan_method() == "parallel"
+        scans = "associative scans (O(log T) depth)" if parallel else "a sequential scan"
         return (
             method,
             rank,
             (
-                f"exact state-space (Kalman) likelihood, O(T): {T} steps of the kernel's linear SDE, no T×T matrix "
+                f"exact state-space (Kalman) likelihood, O(T): {T} steps of the kernel's linear SDE by {scans}, "
+                "no T×T matrix "
                 f"(the dense path's model, M = k(t, t) + {NUGGET:g} I; --method dense for the eigh engine){joint}"
             ),
         )
