@@ -85,6 +85,38 @@ def _outer(x: Array, y: Array) -> Array:
     return x[..., :, None] * y[..., None, :]
 
 
+def _solve_small(a: Array, b: Array) -> Array:
+    """A⁻¹ B for A (..., J, J), B (..., J, K), J small and static: Gaussian elimination with
+    partial pivoting unrolled over the J columns, every step a broadcast over the batch."""
+    J = a.shape[-1]
+    m = jnp.concatenate([a, b], axis=-1)  # the augmented rows [A | B]
+    rows = jnp.arange(J).reshape((1,) * (a.ndim - 2) + (J,))  # (1, ..., 1, J): the batch rank
+    for k in range(J):
+        # swap row k with the row of the largest |entry| in column k at or below it
+        pivot = jnp.argmax(jnp.where(rows >= k, jnp.abs(m[..., :, k]), -1.0), axis=-1)
+        is_pivot = (rows == pivot[..., None]).astype(m.dtype)[..., :, None]
+        is_k = (rows == k).astype(m.dtype)[..., :, None]
+        row_p = jnp.sum(is_pivot * m, axis=-2, keepdims=True)
+        m = m + (is_k - is_pivot) * (row_p - m[..., k : k + 1, :])
+        below = (rows > k).astype(m.dtype)[..., :, None]
+        m = m - below * (m[..., :, k : k + 1] / m[..., k : k + 1, k : k + 1]) * m[..., k : k + 1, :]
+    x = [None] * J
+    for k in reversed(range(J)):  # back substitution on the upper triangle
+        acc = m[..., k, J:]
+        for j in range(k + 1, J):
+            acc = acc - m[..., k, j : j + 1] * x[j]
+        x[k] = acc / m[..., k, k : k + 1]
+    return jnp.stack(x, axis=-2)
+
+
+def _solve(a: Array, b: Array) -> Array:
+    """The combine's small solves. On XLA:CPU (jaxlib 0.10.2) the batched LAPACK call of
+    ``jnp.linalg.solve`` was seen to deadlock on two threads, so the CPU backend takes the
+    elementwise elimination; elsewhere LAPACK-class LU, which kept the accuracy promise on every
+    case measured (the elementwise one misses it 2.4x at a log-variance of -40: benchmarks/RESULTS.md)."""
+    return _solve_small(a, b) if jax.default_backend() == "cpu" else jnp.linalg.solve(a, b)
+
+
 def _filter_elements(z, a, q, h, kappa, nu):
     """The per-step elements (F, b, C, η, J), (T, D, ...) each."""
     T, D = z.shape
@@ -112,16 +144,13 @@ def _combine_filter(first, second):
     eye = jnp.eye(J, dtype=f1.dtype)[(None,) * (f1.ndim - 2)]
     lhs = eye + _mm(c1, j2)
     rhs = jnp.concatenate([f1, (b1 + _mv(c1, e2))[..., None], c1], axis=-1)
-    # LAPACK's LU with partial pivoting: an unrolled elimination with the same pivoting, fused
-    # elementwise, lost 10x more digits here at a log-variance of -40 (J entries ~1/ν) against
-    # exact arithmetic, past the accuracy promise; LAPACK's keeps it (benchmarks/RESULTS.md)
-    x = jnp.linalg.solve(lhs, rhs)
+    x = _solve(lhs, rhs)
     xf, xb, xc = x[..., :J], x[..., J], x[..., J + 1 :]
     f = _mm(f2, xf)
     b = _mv(f2, xb) + b2
     c = _sym(_mm(_mm(f2, xc), jnp.swapaxes(f2, -1, -2)) + c2)
     rhs_t = jnp.concatenate([(e2 - _mv(j2, b1))[..., None], _mm(j2, f1)], axis=-1)
-    y = jnp.linalg.solve(jnp.swapaxes(lhs, -1, -2), rhs_t)  # (I + J₂C₁)⁻¹ [...]
+    y = _solve(jnp.swapaxes(lhs, -1, -2), rhs_t)  # (I + J₂C₁)⁻¹ [...]
     e = _tmv(f1, y[..., 0]) + e1
     jm = _sym(_tmm(f1, y[..., 1:]) + j1)
     return f, b, c, e, jm

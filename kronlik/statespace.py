@@ -378,9 +378,8 @@ class StateSpace:
     fastest on a CPU), ``"parallel"`` (associative scans of O(log T) depth, for accelerators), or
     ``"auto"`` (the default: :func:`scan_method`, parallel unless JAX's default backend is the
     CPU). It is static (part of the pytree's structure, not a leaf), so a ``jax.jit``-compiled
-    function traces each choice apart. Both give the same numbers up to rounding. Do not force
-    ``"parallel"`` on a multi-core CPU at large T: with jaxlib 0.10.2 its batched LAPACK solves
-    were seen to deadlock XLA:CPU at T = 10⁵ (see the Scaling page).
+    function traces each choice apart. Both give the same numbers up to rounding (on a CPU the
+    parallel ones are slower; see the Scaling page).
 
     >>> import jax.numpy as jnp, kronlik
     >>> from kronlik.statespace import Matern32, StateSpace
