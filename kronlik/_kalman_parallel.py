@@ -191,13 +191,14 @@ def _compose_vector(later, earlier):
 
 
 def _compose_both(later, earlier):
-    """(earlier ∘ later) for X ↦ Φᵀ X Φ + Ψ, and for g ↦ Aᵀ g + e (g may be absent)."""
-    (f_l, psi_l, a_l, g_l), (f_e, psi_e, a_e, g_e) = later, earlier
+    """(earlier ∘ later) for X ↦ Φᵀ X Φ + Ψ, and for g ↦ Aᵀ g + e (A shared by the D problems;
+    g may be absent)."""
+    (f_l, psi_l, *g_later), (f_e, psi_e, *g_earlier) = later, earlier
     f = _mm(f_l, f_e)
     psi = _sym(_tmm(f_e, _mm(psi_l, f_e)) + psi_e)
-    if g_l is None:
+    if g_later[0] is None:
         return f, psi, None, None
-    return f, psi, _mm(a_l, a_e), _tmv(a_e, g_l) + g_e
+    return f, psi, *_compose_transposed(g_later, g_earlier)
 
 
 def kalman_reverse(
@@ -227,7 +228,7 @@ def kalman_reverse(
     upper = p_inf_h is not None
     if upper:
         zbar = (um - v) / s  # v̄_i, the same expression as reverse_local's
-        g_elems = (a_b, _tmv(a_b, hb * zbar[..., None]))
+        g_elems = (a, _tmv(a_b, hb * zbar[..., None]))  # A (T, J, J): one product per step, not D
     else:
         g_elems = (None, None)
     _, pbar_prev, _, g_prev = jax.lax.associative_scan(_compose_both, (phi, psi, *g_elems), reverse=True)
