@@ -87,19 +87,25 @@ def _outer(x: Array, y: Array) -> Array:
 
 def _solve_small(a: Array, b: Array) -> Array:
     """A⁻¹ B for A (..., J, J), B (..., J, K), J small and static: Gaussian elimination with
-    partial pivoting unrolled over the J columns, every step a broadcast over the batch."""
+    partial pivoting unrolled over the J columns, every step a broadcast over the batch.
+
+    Rows are swapped and masked by selection (``jnp.where``), never by arithmetic: a swap
+    written as ``m + (row_p - m)`` rounds away a small row beside a large one (the combine's rows
+    differ by 1/ν, 1e17 at a log-variance of -40), and a mask written as a product turns an
+    infinite entry into NaN in rows it should not touch.
+    """
     J = a.shape[-1]
     m = jnp.concatenate([a, b], axis=-1)  # the augmented rows [A | B]
     rows = jnp.arange(J).reshape((1,) * (a.ndim - 2) + (J,))  # (1, ..., 1, J): the batch rank
     for k in range(J):
         # swap row k with the row of the largest |entry| in column k at or below it
         pivot = jnp.argmax(jnp.where(rows >= k, jnp.abs(m[..., :, k]), -1.0), axis=-1)
-        is_pivot = (rows == pivot[..., None]).astype(m.dtype)[..., :, None]
-        is_k = (rows == k).astype(m.dtype)[..., :, None]
-        row_p = jnp.sum(is_pivot * m, axis=-2, keepdims=True)
-        m = m + (is_k - is_pivot) * (row_p - m[..., k : k + 1, :])
-        below = (rows > k).astype(m.dtype)[..., :, None]
-        m = m - below * (m[..., :, k : k + 1] / m[..., k : k + 1, k : k + 1]) * m[..., k : k + 1, :]
+        is_pivot = (rows == pivot[..., None])[..., :, None]
+        row_p = jnp.take_along_axis(m, pivot[..., None, None], axis=-2)  # (..., 1, J + K)
+        row_k = m[..., k : k + 1, :]
+        m = jnp.where(rows[..., :, None] == k, row_p, jnp.where(is_pivot, row_k, m))
+        below = (rows > k)[..., :, None]
+        m = jnp.where(below, m - (m[..., :, k : k + 1] / m[..., k : k + 1, k : k + 1]) * m[..., k : k + 1, :], m)
     x = [None] * J
     for k in reversed(range(J)):  # back substitution on the upper triangle
         acc = m[..., k, J:]
