@@ -9,6 +9,7 @@ while the likelihood is finite.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from functools import partial
 
@@ -49,6 +50,17 @@ class Validation:
     large near a maximum of L; plus the sensitivity of the data terms W K Wᵀ and Wᵀ M W to the
     same round-off in K and M, large when W is large where K or M is nearly zero.
 
+    Both are measured as an absolute error E against the computed gradient ĝ, E / max|ĝ| = x;
+    the bound reported is x / (1 - x), since the exact gradient is at least max|ĝ| - E, and
+    ``inf`` once x ≥ 1: then ĝ may be all round-off and no digit of it is reliable (near a
+    maximum of L, or where W is large in a direction M or K annihilates: exact duplicate times
+    with a nearly noise-free output make ∂L/∂K round-off, the dense Cholesky's too).
+
+    For a :class:`~kronlik.StateSpace` M the amplification is the filter's (the largest
+    (ρ_j λ_max(M)/α + ν_j) / S_min,j, S_min,j the smallest innovation variance of pencil problem
+    j), and the cancellation is measured in the pencil basis and rotated back by |P| (an entry of
+    K̂ or Ŝ in that basis carries round-off relative to its two terms, and ∂L/∂K = P K̂ Pᵀ sums them).
+
     Large values come from a smooth M (tiny eigenvalues) with K large against the noise;
     float64, or ``eigh_dtype="float64"`` with float32 inputs (mixed precision), brings them down.
     """
@@ -59,10 +71,22 @@ class Validation:
     gradient_error_bound: float
 
     def __str__(self) -> str:
+        if math.isfinite(self.gradient_error_bound):
+            gradients = f"gradients to about {self.gradient_error_bound:.1e} (relative)"
+        else:
+            gradients = "gradients with no reliable digit (their estimated error exceeds them)"
         return (
             f"valid ({self.dtype}); eigenvalue error amplification {self.amplification:.3g}: terms of L accurate "
-            f"to about {self.error_bound:.1e}, gradients to about {self.gradient_error_bound:.1e} (relative)"
+            f"to about {self.error_bound:.1e}, {gradients}"
         )
+
+
+def _gradient_bound(x: float) -> float:
+    """The relative error of a gradient g from x = (estimated absolute error E) / max|ĝ|, ĝ the
+    computed gradient: max|g| ≥ max|ĝ| - E, so E / max|g| ≤ x / (1 - x), and there is no bound
+    (inf) once E reaches max|ĝ|, where ĝ may be all round-off (dividing by ĝ alone would
+    understate the error exactly where it is largest)."""
+    return x / (1.0 - x) if x < 1.0 else math.inf
 
 
 def _concrete(name: str, a: Array) -> np.ndarray:
@@ -275,7 +299,7 @@ def validate(
     bound = amp * float(jnp.finfo(eigh_dtype or dtype).eps) + (4 * amp**0.5 + 10 + float(pencil_amplification)) * eps
     eps_eigh = float(jnp.finfo(eigh_dtype or dtype).eps)
     sensitivity = float(sens_m) * eps + float(sens_k) * eps_eigh
-    report = Validation(dtype.name, amp, bound, bound * float(cancellation) + sensitivity)
+    report = Validation(dtype.name, amp, bound, _gradient_bound(bound * float(cancellation) + sensitivity))
     if warn and report.error_bound > 1e-3:
         warnings.warn(
             f"kronlik in {dtype.name} on these inputs: {report}. Use float64, or "
@@ -315,17 +339,48 @@ def _statespace_forward_traced(Y, form, K, noise):
     norms = jnp.sum(pencil.p_scaled**2, axis=0)
     on_k = jnp.minimum(1.0 / pencil.rho, T / pencil.nu)
     pencil_amplification = jnp.max(norms * (pencil.k_trace * on_k + pencil.noise_trace / pencil.nu))
-    # cancellation in the gradients' diagonals ∂ℓ_j/∂ν_j = ½ (rᵀr - tr C_j⁻¹), likewise for κ_j
+    # Cancellation in the gradients, each a data term minus a log-det term. In the pencil basis
+    # ∂L/∂K = P K̂ Pᵀ with K̂ = ½ RᵀMR - ½ diag(tr C_j⁻¹ M) and ∂L/∂Σ = P Ŝ Pᵀ with
+    # Ŝ = ½ RᵀR - ½ diag(tr C_j⁻¹). Each entry of K̂, Ŝ carries round-off relative to its two terms,
+    # and the rotation back by P sums such entries: the error is bounded by |P| (|data| + |logdet|) |Pᵀ|
+    # entrywise, against the gradient itself in the max norm (as gradients are compared).
     rv = kalman_reverse(s.z, f.g.a, f.g.q, f.g.h, pencil.kappa, pencil.nu, s.filtered)
     r = -rv.z
-    data_nu = 0.5 * jnp.sum(r * r, axis=0)
-    data_kappa = 0.5 * jnp.sum(r * matmul_sorted(f.g, r), axis=0)
+    mr = matmul_sorted(f.g, r)
+    k_data = 0.25 * (r.T @ mr + mr.T @ r)  # ½ RᵀMR, symmetrised
+    s_data = 0.5 * (r.T @ r)
+    k_logdet = jnp.diag(jnp.diagonal(k_data) - rv.kappa)
+    s_logdet = jnp.diag(jnp.diagonal(s_data) - rv.nu)
+    p, absp = pencil.p, jnp.abs(pencil.p)
+    ps, abs_ps = pencil.p_scaled, jnp.abs(pencil.p_scaled)
 
-    def ratio(data, grad):
-        return jnp.max((jnp.abs(data) + jnp.abs(data - grad)) / jnp.abs(grad))
+    def ratio(data, logdet, q, abs_q, diagonal):
+        err = abs_q @ (jnp.abs(data) + jnp.abs(logdet)) @ abs_q.T
+        grad = q @ (data - logdet) @ q.T
+        if diagonal:  # ∂L/∂s = weight ⊙ diag(P̃ Ŝ P̃ᵀ) for log-variances
+            err, grad = (pencil.noise_weight * jnp.diagonal(x) for x in (err, grad))
+        return jnp.max(err) / jnp.max(jnp.abs(grad))
 
-    cancellation = jnp.maximum(ratio(data_nu, rv.nu), ratio(data_kappa, rv.kappa))
-    return f, s, amplification, pencil_amplification, cancellation
+    def per_problem(data, grad):  # each pencil problem's own ∂ℓ_j/∂κ_j, ∂ℓ_j/∂ν_j: the kernel's gradients
+        return jnp.max((jnp.abs(data) + jnp.abs(data - grad)) / jnp.abs(grad))  # sum these over j
+
+    cancellation = jnp.max(
+        jnp.stack(
+            [
+                ratio(k_data, k_logdet, p, absp, False),
+                ratio(s_data, s_logdet, p, absp, False),
+                ratio(s_data, s_logdet, ps, abs_ps, True),
+                per_problem(jnp.diagonal(k_data), rv.kappa),
+                per_problem(jnp.diagonal(s_data), rv.nu),
+            ]
+        )
+    )
+    # The data term RᵀMR against the perturbation of M that the filter commits (eps·λ_max(M)):
+    # |δ(r_jᵀ M r_k)| ≤ eps·λ_max ‖r_j‖ ‖r_k‖, rotated back by |P|; large when W is large where M
+    # nearly vanishes (duplicate times, an output with a tiny noise variance).
+    norms_r = jnp.sqrt(jnp.sum(r * r, axis=0))
+    sens_k = 0.5 * lam_max * jnp.max(absp @ norms_r) ** 2 / jnp.max(jnp.abs(p @ (k_data - k_logdet) @ p.T))
+    return f, s, amplification, pencil_amplification, cancellation, sens_k
 
 
 def _check_kernel(form) -> None:
@@ -350,7 +405,7 @@ def _kernel_scales(form, g, dtype) -> tuple[Array, Array]:
 
 def _validate_statespace(Y, form, K, noise, model, named, warn) -> Validation:
     """validate for a StateSpace M: the same flags as the likelihood's O(T) path, in O(T)."""
-    f, s, amplification, pencil_amplification, cancellation = _statespace_forward(Y, form, K, noise)
+    f, s, amplification, pencil_amplification, cancellation, sens_k = _statespace_forward(Y, form, K, noise)
     dtype = Y.dtype
     T, D = Y.shape
     _check_kernel(form)
@@ -377,7 +432,7 @@ def _validate_statespace(Y, form, K, noise, model, named, warn) -> Validation:
         raise ValueError(f"the log-likelihood overflows in {dtype.name} (|L| too large to represent)")
     amp, eps = float(amplification), float(jnp.finfo(dtype).eps)
     bound = (amp + 10 + float(pencil_amplification)) * eps
-    report = Validation(dtype.name, amp, bound, bound * float(cancellation))
+    report = Validation(dtype.name, amp, bound, _gradient_bound(bound * float(cancellation) + float(sens_k) * eps))
     if warn and report.error_bound > 1e-3:
         warnings.warn(f"kronlik in {dtype.name} on these inputs: {report}. Use float64.", stacklevel=3)
     return report
@@ -419,7 +474,7 @@ def _validate_statespace_masked(Y, form, K, noise, model, mask, warn) -> Validat
     cancellation = jnp.max(jnp.where(observed, (jnp.abs(data) + jnp.abs(data - grad)) / jnp.abs(grad), 1.0))
     eps = float(jnp.finfo(dtype).eps)
     bound = (amp + 10) * eps
-    report = Validation(dtype.name, amp, bound, bound * float(cancellation))
+    report = Validation(dtype.name, amp, bound, _gradient_bound(bound * float(cancellation)))
     if warn and report.error_bound > 1e-3:
         warnings.warn(f"kronlik in {dtype.name} on these inputs: {report}. Use float64.", stacklevel=3)
     return report

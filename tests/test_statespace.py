@@ -355,3 +355,37 @@ def test_validate_in_float32_bounds_the_error_and_names_bad_input():
     times = M.times.at[7].set(M.times[8])
     with pytest.raises(ValueError, match="numerically singular"):
         kronlik.validate(Y, StateSpace(times, M.kernel), jnp.ones((D, D)), log_var=s.at[0].set(-1e4))
+
+
+@pytest.mark.slow
+def test_validate_bounds_the_gradients_where_w_is_large_where_m_vanishes():
+    # Exact duplicate times and one output with a tiny noise variance: W is ~1/ν in the directions
+    # M annihilates (y_t - y_t' at a duplicate), so the data term RᵀMR of ∂L/∂K cancels terms of
+    # order λ_max‖W‖² and ∂L/∂K loses every digit (the dense Cholesky too), while L, ∂L/∂Y and
+    # ∂L/∂s stay accurate. validate once said 1e-2 where the error was 8e3; its bound must hold
+    # against exact arithmetic for both recursions, and be inf ("no reliable digit") there.
+    T2, D2 = 12, 2
+    rng = np.random.default_rng(0)
+    t = np.sort(rng.uniform(0.0, 5.0, T2))
+    t[1::4] = t[0:-1:4]
+    K2 = np.array([[1.0, 0.4], [0.4, 0.7]])
+    y_noise = rng.standard_normal((T2, D2))  # not drawn from the model: W large in M's null space
+    kernel = Matern32(*_s(1.0, 1.0))
+    forms = {scan: StateSpace(jnp.asarray(t), kernel, scan=scan) for scan in ("sequential", "parallel")}
+    M2 = np.asarray(forms["sequential"].dense())
+    grads = jax.jit(jax.value_and_grad(kronlik.loglik_diag, argnums=(0, 2, 3)))
+    for lv1, drawn in ((-10.0, False), (-20.0, True), (-20.0, False), (-25.0, False)):
+        lv = np.array([-1.0, lv1])
+        U = np.kron(M2, K2) + np.kron(np.eye(T2), np.diag(np.exp(lv)))
+        Y2 = (np.linalg.cholesky(U) @ rng.standard_normal(T2 * D2)).reshape(T2, D2) if drawn else y_noise
+        ex = reference.exact(Y2, M2, K2, log_var=lv, digits=40)
+        for scan, form in forms.items():
+            value, g = grads(jnp.asarray(Y2), form, jnp.asarray(K2), jnp.asarray(lv))
+            report = kronlik.validate(Y2, form, K2, log_var=lv, warn=False)
+            case = (lv1, drawn, scan, str(report))
+            assert abs(float(value) - ex.value) <= report.error_bound * abs(ex.value), case
+            for got, want in zip(g, (ex.y, ex.k, ex.noise)):
+                assert max_rel(got, want) <= report.gradient_error_bound, case
+            if lv1 == -25.0:
+                assert max_rel(g[1], ex.k) > 1.0 and report.gradient_error_bound == np.inf, case
+                assert "no reliable digit" in str(report)
