@@ -21,8 +21,8 @@ log det S = log det S̃ + Σ_d log S_dd, and log det U = T log det S + Σ_tj log
 
 PSD checks: K and Σ must be positive semi-definite up to ``psd_tolerance(D)`` relative to their
 own largest eigenvalue: a Cholesky factor when they are positive definite, else the ``eigh`` that
-gives their factor says so; round-off negatives are dropped from the factor, a backward
-perturbation of that size.
+gives their factor says so; round-off negatives of the Jacobi-scaled matrix are dropped from the
+factor, a backward perturbation of A_ij of size eps·sqrt(A_ii A_jj) (as a Cholesky of U commits).
 """
 
 from __future__ import annotations
@@ -53,17 +53,24 @@ class PSDFactor(NamedTuple):
 def psd_factor(a: Array) -> PSDFactor:
     """Cholesky when A is positive definite (the usual case, D³/3); else from ``eigh``.
 
-    The ``eigh`` branch drops round-off negative eigenvalues (down to -psd_tolerance(D) times the
-    largest magnitude, a backward perturbation of that size) and says whether there were worse.
+    The ``eigh`` branch says whether A has eigenvalues below -psd_tolerance(D) times the largest
+    magnitude, and factors the Jacobi-scaled A / (d dᵀ) (d = sqrt(diag A)) with its round-off
+    negatives dropped: a backward perturbation of A_ij of size eps·d_i d_j.
     """
     a = _sym(a)
     chol = jnp.linalg.cholesky(a)
 
     def from_eigh(_):
-        w, v = jnp.linalg.eigh(a)
+        w = jnp.linalg.eigvalsh(a)
         scale = jnp.max(jnp.abs(w))
         ok = (w[0] >= -psd_tolerance(a.shape[0], a.dtype) * scale) & jnp.isfinite(scale)
-        return v * jnp.sqrt(jnp.maximum(w, 0.0))[None, :], ok
+        # The factor from the eigh of the Jacobi-scaled A / (d dᵀ), d = sqrt(diag A): dropping
+        # its negatives moves A_ij by eps·d_i d_j, as a Cholesky of U perturbs U, not by
+        # eps·max|λ| (which, times α, can swamp a tiny noise variance on an output with small K_dd).
+        diag = jnp.diagonal(a)
+        d = jnp.where(diag > 0, jnp.sqrt(jnp.where(diag > 0, diag, 1.0)), 1.0)
+        w_hat, v_hat = jnp.linalg.eigh(a / (d[:, None] * d[None, :]))
+        return d[:, None] * v_hat * jnp.sqrt(jnp.maximum(w_hat, 0.0))[None, :], ok
 
     def from_cholesky(_):
         return chol, positive_definite

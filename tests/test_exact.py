@@ -49,6 +49,18 @@ CASES["M=diag(0,1), Sigma=1e-16 I"] = (Y22, np.diag([0.0, 1.0]), K2, 1e-16 * np.
 CASES["M=diag(1e-12,1), log_var [-46,-46]"] = (Y22, np.diag([1e-12, 1.0]), K2, None, [-46.0, -46.0])
 CASES["T=1, M=0, log_var [-40,-50]"] = (Y22[:1], np.zeros((1, 1)), K2, None, [-40.0, -50.0])
 CASES["M rank 1 of 3, log_var [-60,0,-70]"] = (Y53[:3], np.diag([1.0, 1e-12, 0.0]), K3, None, [-60.0, 0.0, -70.0])
+# K = a aᵀ rounded (eigenvalues -1.1e-17, 1.6e-17, 0.14: not PD, so factored by eigh) with a small
+# a_1, M = 1e6 I, and output 1 nearly noise-free: dropping K's negative eigenvalue unscaled (a
+# perturbation of eps·‖K‖, times α = 1e6) swamped Σ_11 = 9e-14 and cost L five digits (1.1e-5,
+# dense Cholesky 1.3e-10); in K's Jacobi-scaled basis the perturbation is eps·sqrt(K_ii K_jj).
+A_RANK1 = np.array([0.18396137149493108, 0.0010410769205246224, -0.33155570484876157])
+CASES["K = a aᵀ not PD, M = 1e6 I, log_var [log .1, -30, log .2]"] = (
+    np.random.default_rng(0).standard_normal((4, 3)),
+    1e6 * np.eye(4),
+    np.outer(A_RANK1, A_RANK1),
+    None,
+    [float(np.log(0.1)), -30.0, float(np.log(0.2))],
+)
 
 
 def _dense(Y, M, K, Sigma, log_var):
