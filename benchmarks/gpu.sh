@@ -16,7 +16,7 @@ python benchmarks/lowrank.py --dtype float64 | tee "$out/gpu_lowrank.txt"
 # both are also timed by name, with their agreement, at D = 8 and T = 10^4 ... 10^6
 python benchmarks/statespace.py --T 10000 100000 1000000 --D 8 --no-baselines --dense-max-T 0 \
   --scans sequential parallel --repeats 5 --budget 10 --json "$out/gpu_statespace.json" | tee "$out/gpu_statespace.txt"
-# and their accuracy on the GPU's own LU and arithmetic (the tiny extreme cases against exact arithmetic,
+# and their accuracy in the GPU's arithmetic (the tiny extreme cases against exact arithmetic,
 # and the NaN cases; the CPU's numbers are in benchmarks/RESULTS.md)
 python -m benchmarks.statespace_accuracy --scan=parallel --stages=tiny,nan | tail -n 80 > "$out/gpu_statespace_accuracy.txt"
 cp benchmarks/results_statespace_accuracy_parallel.json "$out/gpu_statespace_accuracy_parallel.json"

