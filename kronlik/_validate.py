@@ -354,9 +354,11 @@ def _statespace_forward_traced(Y, form, K, noise):
     p, absp = pencil.p, jnp.abs(pencil.p)
     ps, abs_ps = pencil.p_scaled, jnp.abs(pencil.p_scaled)
 
-    def ratio(data, logdet, q, abs_q, diagonal):
+    grad_k = p @ (k_data - k_logdet) @ p.T  # ∂L/∂K, as the reverse pass's map back forms it
+
+    def ratio(data, logdet, q, abs_q, diagonal, grad=None):
         err = abs_q @ (jnp.abs(data) + jnp.abs(logdet)) @ abs_q.T
-        grad = q @ (data - logdet) @ q.T
+        grad = q @ (data - logdet) @ q.T if grad is None else grad
         if diagonal:  # ∂L/∂s = weight ⊙ diag(P̃ Ŝ P̃ᵀ) for log-variances
             err, grad = (pencil.noise_weight * jnp.diagonal(x) for x in (err, grad))
         return jnp.max(err) / jnp.max(jnp.abs(grad))
@@ -367,7 +369,7 @@ def _statespace_forward_traced(Y, form, K, noise):
     cancellation = jnp.max(
         jnp.stack(
             [
-                ratio(k_data, k_logdet, p, absp, False),
+                ratio(k_data, k_logdet, p, absp, False, grad_k),
                 ratio(s_data, s_logdet, p, absp, False),
                 ratio(s_data, s_logdet, ps, abs_ps, True),
                 per_problem(jnp.diagonal(k_data), rv.kappa),
@@ -379,7 +381,7 @@ def _statespace_forward_traced(Y, form, K, noise):
     # |δ(r_jᵀ M r_k)| ≤ eps·λ_max ‖r_j‖ ‖r_k‖, rotated back by |P|; large when W is large where M
     # nearly vanishes (duplicate times, an output with a tiny noise variance).
     norms_r = jnp.sqrt(jnp.sum(r * r, axis=0))
-    sens_k = 0.5 * lam_max * jnp.max(absp @ norms_r) ** 2 / jnp.max(jnp.abs(p @ (k_data - k_logdet) @ p.T))
+    sens_k = 0.5 * lam_max * jnp.max(absp @ norms_r) ** 2 / jnp.max(jnp.abs(grad_k))
     return f, s, amplification, pencil_amplification, cancellation, sens_k
 
 
